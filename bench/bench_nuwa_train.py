@@ -1,31 +1,27 @@
 #!/usr/bin/env python
-"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimize vs full chain.
+r"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimize vs full chain.
 
 --section=train_step: the per-patch train step of trainers/nuwa_infinity.py (`build`) at width
-  512, depth 8, heads 8, mlp 2048, vocab 1024, 16x16 patches (256 tokens), no text, batch 8;
-  every patch also attends to K*256 context tokens from the pool (extent (0,1,1): K = 9,
-  2304 tokens). Variants (--variants): f32 | bf16 compute, then :noscan, :remat=full|dots,
-  :extent=E.E.E, :f32acc (bench-only patch, see f32_accumulation). The PyTorch peer
-  shared/peers/bench_gpt_train.py (GPT d512, 8 layers, 8 heads, vocab 1024, seq 256, batch 8,
-  AdamW; minGPT, x-transformers) runs in its venv before and after ours, never alongside.
-  FLOPs/step: matmuls of our traced step (tools/aot.py jaxpr_matmul_flops), the peer's
-  FlopCounterMode count; MFU against the matmul peak measured first in the same run (2048^3,
-  bf16 inputs with f32 accumulation; f32 too).
+  512, depth 8, heads 8, mlp 2048, vocab 1024, 16x16 patches (256 tokens), no text, batch 8,
+  plus K*256 context tokens from the pool (extent (0,1,1): K = 9, 2304 tokens). --variants:
+  f32|bf16, then :noscan, :remat=full|dots, :extent=E.E.E, :f32acc (see f32_accumulation).
+  The PyTorch peer shared/peers/bench_gpt_train.py (GPT d512, 8 layers, 8 heads, vocab 1024,
+  seq 256, batch 8, AdamW; minGPT, x-transformers) runs before and after ours, in its venv.
+  FLOPs/step: matmuls of our traced step (tools/aot.py jaxpr_matmul_flops), the peer's own
+  count; MFU against the 2048^3 matmul peak measured first (bf16 in, f32 accumulation).
 --section=chain_vs_patch: configs/nuwa_infinity.py size=tiny, synthetic token grids, one grid
-  (--grid), mode render_and_optimize (one update per patch) vs full_chain (one per chain),
-  same initialisation and training wall time each (compile and evaluation excluded), constant
-  lr after --warmup-updates; held-out nll (trainer.evaluate) at --evals points; plot (--plot).
-
-One JSON line per measurement, then a summary. From the repo root:
+  (--grid), render_and_optimize (an update per patch) vs full_chain (one per chain), same init
+  and training wall time (compile, evaluation excluded), constant lr after --warmup-updates;
+  held-out nll (trainer.evaluate) at --evals points; plot (--plot). One JSON line per
+  measurement, then a summary. From the repo root:
 
   JAX_PLATFORMS=cpu /work/venv/bin/python bench/bench_nuwa_train.py --section=all
-  JAX_PLATFORMS=cpu /work/venv/bin/python bench/bench_nuwa_train.py --section=train_step \
-      --variants=f32,bf16 --repeats=5 --peers=mingpt
   JAX_PLATFORMS=cpu /work/venv/bin/python bench/bench_nuwa_train.py --section=chain_vs_patch \
-      --seconds=90 --grid=1,2,2
+      --seconds=90 --grid=1,3,3 --plot=bench/results/nuwa_chain_vs_patch_1x3x3.png
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 1 /work/venv/bin/python \
+      bench/bench_nuwa_train.py --section=train_step --peer-threads=1   # one core each
 
-The peer needs ${PEER_VENV:-~/.venvs/peers} (shared/peers/setup_venvs.sh torch), or
---peer-python; --peers=none skips it.
+The peer needs ${PEER_VENV:-~/.venvs/peers} (shared/peers/setup_venvs.sh torch).
 """
 
 import argparse
@@ -41,18 +37,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs import nuwa_infinity as nuwa_config  # noqa: E402
-from nuwa_jax.data.pipeline import HostBatchIterator  # noqa: E402
-from nuwa_jax.runtime import mesh as mesh_lib  # noqa: E402
-from nuwa_jax.runtime import sharding as shd  # noqa: E402
-from nuwa_jax.tools.aot import jaxpr_matmul_flops  # noqa: E402
-from nuwa_jax.trainers import nuwa_infinity as trainer  # noqa: E402
+from configs import nuwa_infinity as nuwa_config
+from nuwa_jax.data.pipeline import HostBatchIterator
+from nuwa_jax.runtime import mesh as mesh_lib
+from nuwa_jax.runtime import sharding as shd
+from nuwa_jax.tools.aot import jaxpr_matmul_flops
+from nuwa_jax.trainers import nuwa_infinity as trainer
 
-PATCH_FIELDS = ("tokens", "context_slot", "context_valid", "write_slot")
+DOT = jax.lax.dot_general  # unpatched
 
 
 def stats(xs):  # as shared/peers/benchutil.py
@@ -77,40 +73,52 @@ def timed(fn, repeats, warmup):
   return times, util
 
 
-# ----------------------------------------------------------------------------------------
-# (1) train step against the PyTorch GPT peer
-# ----------------------------------------------------------------------------------------
+# ------------------------------ (1) train step against the PyTorch GPT peer ----------------
 
 def matmul_peak(dtype, n=2048, repeats=10):
   """GFLOP/s of an n^3 matmul with `dtype` inputs and float32 accumulation."""
   a, b = (jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), dtype) for i in (0, 1))
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   times, _ = timed(lambda: f(a, b).block_until_ready(), repeats, 2)
-  return {k: 2 * n ** 3 / t / 1e9 for k, t in (("best", min(times)),
-                                               ("median", statistics.median(times)))}
+  return {"best": 2 * n ** 3 / min(times) / 1e9}
+
+
+def dense_dot(x, w, dims, precision=None):
+  """bf16 Dense dot with float32 accumulation whose backward dots are bf16 x bf16 -> f32 too
+  (the automatic transpose would multiply an f32 cotangent by a bf16 operand: XLA:CPU's
+  slow path). Flax's Dense/DenseGeneral contract x's trailing axes with w's leading ones."""
+  (xc, wc), batch = dims
+  nk, f32 = x.ndim - len(xc), jnp.float32
+  if batch != ((), ()) or tuple(xc) != tuple(range(nk, x.ndim)) or tuple(wc) != tuple(
+      range(len(wc))) or not x.dtype == w.dtype == jnp.bfloat16:
+    return DOT(x, w, dims, precision)
+
+  @jax.custom_vjp
+  def dot(x, w):
+    return DOT(x, w, dims, preferred_element_type=f32).astype(x.dtype)
+
+  def bwd(res, g):
+    x, w = res
+    dx = DOT(g, w, ((range(nk, g.ndim), range(len(wc), w.ndim)), ((), ())),
+             preferred_element_type=f32)
+    dw = DOT(x, g, ((range(nk), range(nk)), ((), ())), preferred_element_type=f32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+  dot.defvjp(lambda x, w: (dot(x, w), (x, w)), bwd)
+  return dot(x, w)
 
 
 @contextlib.contextmanager
 def f32_accumulation(on):
-  """While tracing, bf16 x bf16 dots (Flax Dense/DenseGeneral, jnp.einsum) ask for float32
-  results and cast back (XLA:CPU's fast bf16 kernels): a bench-only stand-in for a change to
-  the library's layers suggested in bench/README.md, not what the library does."""
-  dot, einsum = jax.lax.dot_general, jnp.einsum
-
-  def patch(fn, first):  # operands are args[first:first + 2]
-    def patched(*args, **kw):
-      if kw.get("preferred_element_type") is None and len(args) == 3 and all(
-          getattr(x, "dtype", None) == jnp.bfloat16 for x in args[first:first + 2]):
-        return fn(*args, **kw, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-      return fn(*args, **kw)
-    return patched
-
-  if on:  # Flax calls lax.dot_general(x, kernel, dims, precision=...); layers.py jnp.einsum
-    jax.lax.dot_general, jnp.einsum = patch(dot, 0), patch(einsum, 1)
+  """While tracing, Flax's Dense dots go through `dense_dot`: a bench-only stand-in for a
+  change to the library's layers suggested in bench/README.md (attention einsums unchanged)."""
+  if on:  # Flax calls jax.lax.dot_general(x, kernel, dims, precision=...) at call time
+    jax.lax.dot_general = lambda x, w, dims, precision=None, **kw: (
+        DOT(x, w, dims, precision, **kw) if kw else dense_dot(x, w, dims, precision))
   try:
     yield
   finally:
-    jax.lax.dot_general, jnp.einsum = dot, einsum
+    jax.lax.dot_general = DOT
 
 
 def step_config(a, variant):
@@ -119,9 +127,9 @@ def step_config(a, variant):
   dtype, *opts = variant.split(":")
   c = nuwa_config.get_config("size=tiny,text=false")
   c.model.update(width=512, depth=8, num_heads=8, mlp_dim=2048, vocab=1024, patch_rows=16,
-                 patch_cols=16, extent=(0, 1, 1), text_len=0,
+                 patch_cols=16, extent=(0, 1, 1), text_len=0, pool_slots=9, remat="none",
                  dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
-                 scan_layers="noscan" not in opts, remat="none")
+                 scan_layers="noscan" not in opts)
   for key, _, value in (o.partition("=") for o in opts):
     if key == "remat":
       c.model.remat = value
@@ -129,9 +137,7 @@ def step_config(a, variant):
       c.model.extent = tuple(int(x) for x in value.split("."))
     elif key not in ("noscan", "f32acc"):
       raise ValueError(f"unknown variant option {key!r}")
-  c.grids = ((1, 3, 3),)  # every offset of extent (0,1,1) occurs; 9 slots always suffice
-  c.model.pool_slots = 9
-  c.batch_size = a.batch
+  c.grids, c.batch_size = ((1, 3, 3),), a.batch  # 3x3 chains: 9 pool slots always suffice
   return c
 
 
@@ -144,7 +150,6 @@ def bench_nuwa_step(a, variant, peaks):
     layout = built.layout
     flops = jaxpr_matmul_flops(jax.make_jaxpr(trainer.make_train_fn(config, layout))(
         *layout.train_args()).jaxpr)
-  n_params = sum(x.size for x in jax.tree.leaves(layout.sharded.abstract.params))
   chain = trainer.next_chain(config, batch_iterator(config, mesh), "random")
   steps = [trainer.to_global(built, chain.step(i)) for i in range(chain.num_steps)]
   box = {"state": built.sharded.init(jax.random.key(0)), "i": 0}
@@ -167,7 +172,8 @@ def bench_nuwa_step(a, variant, peaks):
                  "context_offsets_K": k, "context_tokens": k * layout.model.patch_tokens,
                  "batch": config.batch_size, "text": False, "dtype": config.model.dtype,
                  "scan_layers": config.model.scan_layers, "remat": config.model.remat},
-      "params": n_params, "compile_s": compile_s, "s_per_step": st,
+      "params": sum(x.size for x in jax.tree.leaves(layout.sharded.abstract.params)),
+      "compile_s": compile_s, "s_per_step": st,
       "tokens_per_s": {"median": tokens / st["median"], "max": tokens / st["min"]},
       "flops_per_step": flops, **rates(flops, st["median"], peaks),
       "cpu_util": statistics.median(util), "final_loss": float(box["m"]["loss"]),
@@ -191,7 +197,8 @@ def run_peer(a, impl, peaks):
       os.environ.get("PEER_VENV", os.path.expanduser("~/.venvs/peers")), "bin", "python")
   cmd = [python, os.path.join(a.peers_dir, "bench_gpt_train.py"), "--impl", impl, "--dim",
          "512", "--depth", "8", "--heads", "8", "--vocab", "1024", "--seq", "256", "--batch",
-         str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup)]
+         str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--threads",
+         str(a.peer_threads)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
   if out.returncode or not lines:
@@ -214,11 +221,10 @@ def section_train_step(a):
   runs = [run_peer(a, impl, peaks) for impl in impls]  # before and after ours: the machine
   runs += [bench_nuwa_step(a, v, peaks) for v in a.variants.split(",")]  # is shared
   runs += [run_peer(a, impl, peaks) for impl in impls]
-  refs = [r for r in runs if r.get("impl") == (impls or [None])[0] and "error" not in r]
-  ref = {k: statistics.mean(r[k]["median"] if k == "tokens_per_s" else r[k] for r in refs)
-         for k in ("tokens_per_s", "gflop_per_s")} if refs else None
+  refs = [r for r in runs if impls and r.get("impl") == impls[0] and "error" not in r]
+  ref = max(refs, key=lambda r: r["gflop_per_s"], default=None)  # the peer at its best
   print(f"\nmatmul peak GFLOP/s: bf16 {peaks['bf16']['best']:.0f}, f32 {peaks['f32']['best']:.0f}"
-        f"; ratios against the mean of the {impls[0] if refs else '-'} runs")
+        f"; ratios against the faster {impls[0] if refs else '-'} run")
   print(f"{'run':30s} {'ctx':>5s} {'s/step':>6s} {'CPU s':>5s} {'tok/s':>5s} {'GFLOP':>5s} "
         f"{'GFLOP/s':>7s} {'MFU bf16':>8s} {'tok/s x':>7s} {'FLOP/s x':>8s}")
   for r in runs:
@@ -227,25 +233,21 @@ def section_train_step(a):
       continue
     name = f"nuwa {r['variant']}" if "variant" in r else f"peer {r['impl']} (torch)"
     tok = r["tokens_per_s"]["median"]
-    x = (f"{tok / ref['tokens_per_s']:7.2f} {r['gflop_per_s'] / ref['gflop_per_s']:8.2f}"
-         if ref else "")
+    x = (f"{tok / ref['tokens_per_s']['median']:7.2f} "
+         f"{r['gflop_per_s'] / ref['gflop_per_s']:8.2f}" if ref else "")
     print(f"{name:30s} {r.get('config', {}).get('context_tokens', 0):5d} "
           f"{r['s_per_step']['median']:6.2f} {r['cpu_s_per_step']:5.1f} {tok:5.0f} "
           f"{r['flops_per_step'] / 1e9:5.0f} {r['gflop_per_s']:7.1f} "
           f"{r['mfu_vs_bf16_peak']:8.1%} {x}")
 
 
-# ----------------------------------------------------------------------------------------
-# (2) render-and-optimize against full-chain training
-# ----------------------------------------------------------------------------------------
+# ------------------------------ (2) render-and-optimize against full-chain training -------
 
 def chain_config(a, mode):
   c = nuwa_config.get_config(f"size=tiny,mode={mode}")
-  c.grids = (tuple(int(x) for x in a.grid.split(",")),)
+  c.grids, c.eval.chains = (tuple(int(x) for x in a.grid.split(",")),), a.eval_chains
   c.total_steps = 10 ** 7  # stopped by time; constant lr after a short warm-up
-  c.optimizer.decay = "constant"
-  c.optimizer.warmup_steps = a.warmup_updates
-  c.eval.chains = a.eval_chains
+  c.optimizer.update(decay="constant", warmup_steps=a.warmup_updates)
   return c
 
 
@@ -254,14 +256,11 @@ def run_mode(a, mode, built, chain_step, eval_source):
   batches, state = batch_iterator(config, built.mesh), built.sharded.init(jax.random.key(0))
   curve, train_s, updates, patches, next_eval = [], 0.0, 0, 0, 0.0
 
-  def evaluate():
-    nll = trainer.evaluate(config, built, state.params, eval_source)["eval_nll"]
-    curve.append({"train_s": train_s, "updates": updates, "patches": patches, "eval_nll": nll})
-
   while True:
     done = train_s >= a.seconds
     if done or train_s >= next_eval:
-      evaluate()
+      nll = trainer.evaluate(config, built, state.params, eval_source)["eval_nll"]
+      curve.append({"train_s": train_s, "updates": updates, "patches": patches, "eval_nll": nll})
       next_eval += a.seconds / a.evals
     if done:
       break
@@ -269,7 +268,7 @@ def run_mode(a, mode, built, chain_step, eval_source):
     chain = trainer.next_chain(config, batches, config.order)
     pool = trainer.new_pool(built)
     if mode == "full_chain":
-      per_step = {k: getattr(chain, k) for k in PATCH_FIELDS}
+      per_step = {k: getattr(chain, k) for k in trainer.STEP_FIELDS if k[:4] != "text"}
       inputs = dict(trainer.to_global(built, per_step, leading=1), **trainer.to_global(
           built, {"text": chain.text, "text_mask": chain.text_mask}))
       state, pool, m = chain_step(state, pool, inputs)
@@ -289,7 +288,7 @@ def run_mode(a, mode, built, chain_step, eval_source):
 
 def section_chain_vs_patch(a):
   config = chain_config(a, "render_and_optimize")
-  trainer.validate(config)
+  trainer.validate(config)  # the trainer's own checks; compiled steps shared by both modes
   built = trainer.build(config, mesh_lib.create_mesh(config.mesh))
   chain_step = trainer.compile_chain_step(config, built, int(np.prod(config.grids[0])))
   _, eval_source = trainer.make_sources(config)
@@ -324,19 +323,19 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--variants", default="f32,bf16,bf16:f32acc,bf16:noscan,f32:extent=0.0.0",
-                 help="comma-separated; see step_config")
+  p.add_argument("--variants", default="f32,bf16,f32:noscan,bf16:f32acc:noscan,"
+                 "f32:extent=0.0.0,bf16:f32acc:noscan:extent=0.0.0", help="see step_config")
   p.add_argument("--peers", default="mingpt,xtransformers", help="peer impls or 'none'")
   p.add_argument("--peers-dir", default=os.path.join(os.path.dirname(REPO), "shared", "peers"))
-  p.add_argument("--peer-python", default="")
+  p.add_argument("--peer-python", default="", help="default ${PEER_VENV:-~/.venvs/peers}")
+  p.add_argument("--peer-threads", type=int, default=2)
   p.add_argument("--seconds", type=float, default=90.0, help="training time per mode")
   p.add_argument("--evals", type=int, default=6, help="evaluations per mode after the first")
   p.add_argument("--eval-chains", type=int, default=4)
   p.add_argument("--warmup-updates", type=int, default=10)
   p.add_argument("--grid", default="1,2,2")
   p.add_argument("--plot", default=f"{REPO}/bench/results/nuwa_chain_vs_patch.png")
-  a = p.parse_args()
-  t0 = time.perf_counter()
+  a, t0 = p.parse_args(), time.perf_counter()
   print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout)
   if a.section in ("train_step", "all"):
     section_train_step(a)
