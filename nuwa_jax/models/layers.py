@@ -71,16 +71,31 @@ class Attention(nn.Module):
                            kernel_init=partitioned(KERNEL_INIT, "embed", "heads", "kv"))(x)
 
   @nn.compact
-  def __call__(self, x, kv=None, mask=None, bias=None):
+  def __call__(self, x, kv=None, mask=None, bias=None, cache=None, cache_index=None,
+               kv_only: bool = False):
+    """Args:
+      x: [B, Lq, D] queries (and keys/values when `kv` is None).
+      cache: (k, v) [B, M, H, Dh] already-projected keys and values (incremental decoding);
+        the keys and values of x are written into it at `cache_index` and the queries attend
+        to the whole cache (mask/bias cover M). Returns (out, cache) then.
+      kv_only: return this layer's (keys, values) of x only (to fill a cache).
+    """
+    if kv_only:
+      return self._proj("key", x), self._proj("value", x)
     kv = x if kv is None else kv
     q = constrain(self._proj("query", x), ("batch", "length", "act_heads", "act_kv"))
     k = constrain(self._proj("key", kv), ("batch", "length", "act_heads", "act_kv"))
     v = constrain(self._proj("value", kv), ("batch", "length", "act_heads", "act_kv"))
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
+      cache = (k, v)
     out = dot_product_attention(q, k, v, mask=mask, bias=bias)
     out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="out",
                           kernel_init=partitioned(KERNEL_INIT, "heads", "kv", "embed"))(out)
-    return constrain(out, ("batch", "length", "act_embed"))
+    out = constrain(out, ("batch", "length", "act_embed"))
+    return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -120,17 +135,25 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, bias=None, context=None, context_mask=None, memory=None,
-               deterministic: bool = True):
+               deterministic: bool = True, cache=None, cache_index=None,
+               memory_kv_only: bool = False):
+    """Incremental decoding: `cache` (k, v) [B, M, H, Dh] of this layer, x the new positions
+    (written at `cache_index`), returns (x, cache). `memory_kv_only`: returns the keys and
+    values this layer's self-attention would compute from `x` used as memory."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     head_dim = x.shape[-1] // self.num_heads
     drop = functools.partial(nn.Dropout(self.dropout), deterministic=deterministic)
     ln_self = LayerNorm(name="ln_self", **kw)
+    attention = Attention(self.num_heads, head_dim, name="self_attention", **kw)
+    if memory_kv_only:
+      return attention(ln_self(jax.lax.stop_gradient(x)), kv_only=True)
     h = ln_self(x)
     kv = None
     if memory is not None:
       kv = jnp.concatenate([ln_self(jax.lax.stop_gradient(memory).astype(x.dtype)), h], axis=1)
-    h = Attention(self.num_heads, head_dim, name="self_attention", **kw)(
-        h, kv=kv, mask=mask, bias=bias)
+    h = attention(h, kv=kv, mask=mask, bias=bias, cache=cache, cache_index=cache_index)
+    if cache is not None:
+      h, cache = h
     x = x + drop(h)
     if self.cross_attention:
       h = Attention(self.num_heads, head_dim, name="cross_attention", **kw)(
@@ -139,7 +162,8 @@ class DecoderBlock(nn.Module):
     h = Mlp(self.mlp_dim, self.dropout, name="mlp", **kw)(LayerNorm(name="ln_mlp", **kw)(x),
                                                           deterministic)
     x = x + drop(h)
-    return constrain(x, ("batch", "length", "act_embed"))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    return x if cache is None else (x, cache)
 
 
 REMAT_POLICIES = {
@@ -171,15 +195,26 @@ class DecoderStack(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, bias=None, context=None, context_mask=None, memory=None,
-               deterministic: bool = True):
+               deterministic: bool = True, cache=None, cache_index=None,
+               memory_kv_only: bool = False):
+    """Training / teacher forcing: `(x, mask, bias, context, context_mask, memory)`.
+
+    Incremental decoding (inference only, no remat): `cache` = (k, v) [depth, B, M, H, Dh],
+    x [B, T, D] the new positions written at `cache_index`; returns (x, cache).
+    `memory_kv_only`: x is memory [depth, B, M, D]; returns each layer's (k, v) of it,
+    [depth, B, M, H, Dh] (to fill a cache once and reuse it for many decoding steps).
+    """
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}.")
     block = DecoderBlock
-    if self.remat != "none":
+    if self.remat != "none" and cache is None and not memory_kv_only:
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat], static_argnums=(7,))
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout=self.dropout,
               cross_attention=self.cross_attention, dtype=self.dtype,
               param_dtype=self.param_dtype)
+    if cache is not None or memory_kv_only:
+      return self._inference(block, kw, x, mask, bias, context, context_mask, cache,
+                             cache_index, memory_kv_only)
 
     def apply(module, carry, layer_memory):
       return module(carry, mask, bias, context, context_mask, layer_memory, deterministic)
@@ -198,3 +233,27 @@ class DecoderStack(nn.Module):
         x = apply(block(name=f"layer_{i}", **kw), x, None if memory is None else memory[i])
       inputs = jnp.stack(inputs)
     return x if memory is None else (x, inputs)
+
+  def _inference(self, block, kw, x, mask, bias, context, context_mask, cache, cache_index,
+                 memory_kv_only):
+    """The layer loop of incremental decoding / memory projection (see __call__)."""
+    def apply(module, carry, layer):
+      if memory_kv_only:
+        return carry, module(layer, None, memory_kv_only=True)
+      return module(carry, mask, bias, context, context_mask, None, True, cache=layer,
+                    cache_index=cache_index)
+
+    xs = x if memory_kv_only else cache
+    carry = None if memory_kv_only else x
+    if self.scan:
+      scanned = nn.scan(apply, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      carry, ys = scanned(block(name="layers", **kw), carry, xs)
+    else:
+      outs = []
+      for i in range(self.depth):
+        layer = jax.tree.map(lambda a, i=i: a[i], xs)
+        carry, y = apply(block(name=f"layer_{i}", **kw), carry, layer)
+        outs.append(y)
+      ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return ys if memory_kv_only else (carry, ys)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nuwa_jax.context_pool import num_offsets
@@ -201,3 +202,46 @@ class Model(nn.Module):
     logits = self.head(self.ln_final(x))
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     return logits, inputs
+
+  # -- Incremental decoding (sampling; see nuwa_jax/sampler.py) -----------------------------
+  # The cache of one patch holds, per layer, the keys and values of the K context entries
+  # (projected once per patch from the pool) followed by those of the patch positions
+  # [bos, t_0, ..., t_{P-1}] written one at a time: [depth, B, K*P + P + 1, H, Dh].
+
+  def context_cache(self, memory):
+    """memory [depth, B, K, P, D] → the patch's cache with the context entries filled in."""
+    depth, batch, k, p, d = memory.shape
+    dtype = _dtype(self.dtype)
+    kv = self.decoder(memory.reshape(depth, batch, k * p, d).astype(dtype), None,
+                      memory_kv_only=True)
+    return jax.tree.map(
+        lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, self.patch_tokens + 1), (0, 0), (0, 0))), kv)
+
+  def decode_token(self, cache, j, prev_token, memory_valid, text_context=None,
+                   text_context_mask=None):
+    """Feeds patch position j (bos when j == 0, else token t_{j-1} = `prev_token` [B]).
+
+    Args:
+      cache: from `context_cache` (and earlier calls); j: int32 scalar in [0, P].
+      memory_valid: bool [B, K]. text_context, text_context_mask: from `encode_text`.
+    Returns:
+      (logits float32 [B, vocab] predicting t_j, updated cache).
+    """
+    dtype = _dtype(self.dtype)
+    batch = prev_token.shape[0]
+    p, k = self.patch_tokens, self.num_context
+    pos = (self.row_pos[:, None] + self.col_pos[None, :]).reshape(p, self.width)
+    table = constrain(self.token_embed, ("vocab", None))
+    emb = jnp.take(table, prev_token, axis=0) + jnp.take(pos, jnp.maximum(j - 1, 0), axis=0)
+    x = jnp.where(j == 0, jnp.broadcast_to(self.bos, emb.shape), emb)[:, None].astype(dtype)
+    patch_mask = jnp.arange(p + 1) <= j
+    mask = jnp.concatenate([jnp.repeat(memory_valid.astype(bool), p, axis=1),
+                            jnp.broadcast_to(patch_mask, (batch, p + 1))], axis=1)
+    align = jax.lax.dynamic_index_in_dim(self.align_bias, j, axis=1, keepdims=False)  # [H, P]
+    mem_bias = (self.offset_bias[:, :, None] + align[:, None, :]).reshape(self.num_heads, k * p)
+    bias = jnp.concatenate([mem_bias, jnp.zeros((self.num_heads, p + 1))], axis=1)
+    context_mask = None if text_context_mask is None else text_context_mask[:, None, None, :]
+    x, cache = self.decoder(x, mask[:, None, None, :], bias[None, :, None, :], text_context,
+                            context_mask, cache=cache, cache_index=k * p + j)
+    logits = self.head(self.ln_final(x))[:, 0]
+    return logits.astype(jnp.float32), cache

@@ -71,3 +71,24 @@ def contact_sheet(path: str, items: Sequence[tuple[str, np.ndarray]], width: int
     sheet.paste(tile, (0, y))
     y += tile.height
   return _atomic_save(sheet, path, format="PNG")
+
+
+def save_mp4(path: str, frames: np.ndarray, fps: float = 4.0) -> str:
+  """frames [T, H, W, 3] → H.264 MP4 (PyAV; sizes padded to even numbers), written atomically."""
+  import av  # pylint: disable=g-import-not-at-top
+  frames = to_uint8(frames)
+  h, w = frames.shape[1:3]
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}.mp4"
+  with av.open(tmp, mode="w") as container:
+    stream = container.add_stream("libx264", rate=int(round(fps)))
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    stream.options = {"crf": "18"}
+    for frame in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  os.replace(tmp, path)
+  return path
