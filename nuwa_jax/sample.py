@@ -125,6 +125,8 @@ def load(request: Request) -> Loaded:
       raise RequestError(f"--text needs the caption tokenizer: --spm={spm or '(unset)'} is not "
                          "a file (captions.model of the training dataset).")
     captions = captions_lib.CaptionTokenizer(spm)
+  factor = 2 ** (len(vq_config.model.ch_mult) - 1)
+  check_sizes(request, (m.patch_rows * factor, m.patch_cols * factor))  # before any compute
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
   layout = nuwa_infinity.make_layout(config, mesh)
   params = restore_params(os.path.join(request.checkpoint, "checkpoints"),
@@ -306,9 +308,16 @@ def run(request: Request, loaded: Loaded | None = None) -> dict[str, Any]:
     raise RequestError(f"--batch={request.batch}: expected >= 1.")
   options = SamplingOptions(request.temperature, request.top_k, request.top_p,
                             request.guidance, request.cached)
+  try:
+    options.check(2 ** 31, bool(request.text))
+  except ValueError as e:
+    raise RequestError(f"{e} (--temperature/--top_k/--top_p/--guidance)") from e
   loaded = loaded or load(request)
   m = loaded.config.model
-  options.check(m.vocab, bool(m.text_len) and bool(request.text))
+  try:
+    options.check(m.vocab, bool(m.text_len) and bool(request.text))
+  except ValueError as e:
+    raise RequestError(str(e)) from e
   patch_px = (m.patch_rows * loaded.factor, m.patch_cols * loaded.factor)
   height, width = check_sizes(request, patch_px)
   video = request.task in ("animate", "text_to_video")

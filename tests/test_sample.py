@@ -190,6 +190,8 @@ def workdirs(tmp_path_factory):
   nuwa.data.tokenizer_workdir = str(root / "vqgan")
   nuwa.data.caption_model = spm
   _save(nuwa_infinity.make_layout(nuwa, mesh), nuwa, str(root / "nuwa"))
+  nuwa.model.text_len = 0
+  _save(nuwa_infinity.make_layout(nuwa, mesh), nuwa, str(root / "nuwa_no_text"))
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(
       root / "photo.png")
   return root
@@ -204,7 +206,7 @@ def test_every_task_writes_outputs_of_the_requested_size(workdirs):
   root, f = workdirs, 4  # tiny tokenizer: ch_mult (1, 2, 2) = factor 4; patch 2 = 8 px
   loaded = sample_lib.load(_request(root, "text_to_image", text="a red circle"))
   cases = [
-      ("unconditional", dict(height=16, width=96), (16, 96), None),
+      ("unconditional", dict(height=8, width=256), (8, 256), None),  # 32 x its height
       ("text_to_image", dict(height=8, width=24, text="a red circle", guidance=2.0), (8, 24),
        None),
       ("outpaint", dict(height=16, width=48, image=str(root / "photo.png"), direction="left"),
@@ -243,9 +245,30 @@ def test_command_line_generates_and_refuses_bad_requests(workdirs):
       (["--task=unconditional", "--height=12"], "--height=12 px is not a positive multiple"),
       (["--task=unconditional", "--text=a red circle"], "takes no --text"),
       ([f"--checkpoint={root / 'missing'}", "--task=unconditional"], "no config.json"),
+      ([f"--checkpoint={root / 'nuwa_no_text'}", "--task=text_to_image", "--text=a red circle"],
+       "has no text encoder"),
       (["--task=outpaint", f"--image={root / 'nope.png'}"], "--image="),
   ):
     bad = subprocess.run(base + args + [f"--out={root / 'bad'}"], env=subprocess_env(1),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr[-2000:])
-    assert "Compiling" not in bad.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(task="text_to_image", text="a red circle", width=12), "--width=12 px"),
+    (dict(task="text_to_image", text="a red circle", checkpoint="nuwa_no_text"),
+     "has no text encoder"),
+    (dict(task="unconditional", guidance=3.0), "guidance"),
+    (dict(task="animate", image="missing.png"), "--image="),
+    (dict(task="unconditional", checkpoint="vqgan"), "not nuwa_infinity"),
+])
+def test_bad_requests_fail_before_any_compile(workdirs, kwargs, message):
+  root = workdirs
+  kwargs = dict(kwargs)
+  checkpoint = str(root / kwargs.pop("checkpoint", "nuwa"))
+  if "image" in kwargs:
+    kwargs["image"] = str(root / kwargs["image"])
+  request = sample_lib.Request(checkpoint=checkpoint, out=str(root / "bad"), **kwargs)
+  with CompileCounter() as counter, pytest.raises(gen.RequestError, match=message):
+    sample_lib.run(request)
+  assert counter.names == []
