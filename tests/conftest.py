@@ -54,3 +54,17 @@ class CompileCounter:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_log_compiles", False)
     self._logger.removeHandler(self._handler)
+
+
+def save_untrained(layout, config, workdir: str, step: int = 1):
+  """Saves a randomly initialised train state of `layout` (and the config) like a trained run,
+  for tests of the commands that read checkpoints."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.config_utils import write_config  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.runtime.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  state = layout.sharded.init(jax.random.key(0))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
+  ckpt.maybe_save(step, state, {"batches": step}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  write_config(config, workdir)

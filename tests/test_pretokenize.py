@@ -7,11 +7,11 @@ import jax
 import numpy as np
 
 from configs import vqgan as vqgan_config
-from nuwa_jax.config_utils import write_config
 from nuwa_jax.data import datasets, pretokenize
 from nuwa_jax.runtime import mesh as mesh_lib
-from nuwa_jax.runtime.checkpoint import Checkpointer
 from nuwa_jax.trainers import vqgan as vqgan_trainer
+
+from conftest import save_untrained
 
 
 def make_tokenizer(workdir):
@@ -19,13 +19,7 @@ def make_tokenizer(workdir):
   config = vqgan_config.get_config("size=tiny")
   config.model.ch, config.model.z_channels = 16, 16
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
-  layout = vqgan_trainer.make_layout(config, mesh)
-  state = layout.sharded.init(jax.random.key(0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
-  ckpt.maybe_save(1, state, {"batches": 1}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  write_config(config, workdir)
+  save_untrained(vqgan_trainer.make_layout(config, mesh), config, workdir)
   return config
 
 

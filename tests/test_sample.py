@@ -18,17 +18,15 @@ from configs import vqgan as vqgan_config
 from nuwa_jax import context_pool
 from nuwa_jax import generate as gen
 from nuwa_jax import sample as sample_lib
-from nuwa_jax.config_utils import write_config
 from nuwa_jax.data import captions as captions_lib
 from nuwa_jax.data import synthetic_scenes
 from nuwa_jax.models.nuwa import Model
 from nuwa_jax.runtime import mesh as mesh_lib
-from nuwa_jax.runtime.checkpoint import Checkpointer
 from nuwa_jax.sampler import PatchSampler, SamplingOptions
 from nuwa_jax.trainers import nuwa_infinity
 from nuwa_jax.trainers import vqgan as vqgan_trainer
 
-from conftest import CompileCounter, subprocess_env
+from conftest import CompileCounter, save_untrained, subprocess_env
 
 VOCAB, TEXT_LEN = 32, 6
 
@@ -163,15 +161,6 @@ def test_bad_canvas_requests_are_refused(kwargs, message):
 # Through the command: a tokenizer and a model saved like trained ones
 # ----------------------------------------------------------------------------------------
 
-def _save(layout, config, workdir):
-  state = layout.sharded.init(jax.random.key(0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
-  ckpt.maybe_save(1, state, {"batches": 1}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  write_config(config, workdir)
-
-
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("sample")
@@ -179,7 +168,7 @@ def workdirs(tmp_path_factory):
   vq = vqgan_config.get_config("size=tiny")
   vq.model.update(ch=8, ch_mult=(1, 2, 2), z_channels=8, embed_dim=8, num_codes=VOCAB,
                   mid_attention=False)
-  _save(vqgan_trainer.make_layout(vq, mesh), vq, str(root / "vqgan"))
+  save_untrained(vqgan_trainer.make_layout(vq, mesh), vq, str(root / "vqgan"))
   spm = captions_lib.train_tokenizer(
       [synthetic_scenes.random_scene(np.random.default_rng(i), 32, 32)[1] for i in range(200)],
       str(root / "captions.model"), vocab_size=60)
@@ -189,9 +178,9 @@ def workdirs(tmp_path_factory):
                     pool_slots=16)
   nuwa.data.tokenizer_workdir = str(root / "vqgan")
   nuwa.data.caption_model = spm
-  _save(nuwa_infinity.make_layout(nuwa, mesh), nuwa, str(root / "nuwa"))
+  save_untrained(nuwa_infinity.make_layout(nuwa, mesh), nuwa, str(root / "nuwa"))
   nuwa.model.text_len = 0
-  _save(nuwa_infinity.make_layout(nuwa, mesh), nuwa, str(root / "nuwa_no_text"))
+  save_untrained(nuwa_infinity.make_layout(nuwa, mesh), nuwa, str(root / "nuwa_no_text"))
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(
       root / "photo.png")
   return root
