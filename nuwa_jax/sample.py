@@ -90,6 +90,14 @@ class Loaded:
   vq_variables: Any
   factor: int
   captions: Any  # CaptionTokenizer or None
+  samplers: dict = dataclasses.field(default_factory=dict)  # (batch, options) → PatchSampler
+
+  def sampler(self, batch: int, options):
+    """A compiled sampler, shared by the requests served with this model."""
+    from nuwa_jax.sampler import PatchSampler  # pylint: disable=g-import-not-at-top
+    if (batch, options) not in self.samplers:
+      self.samplers[(batch, options)] = PatchSampler(self.model, self.params, batch, options)
+    return self.samplers[(batch, options)]
 
 
 def load(request: Request) -> Loaded:
@@ -115,16 +123,15 @@ def load(request: Request) -> Loaded:
   if vq_config.model.num_codes != m.vocab:
     raise RequestError(f"tokenizer {tokenizer_dir} has {vq_config.model.num_codes} codes but the "
                        f"model's vocabulary is {m.vocab}.")
-  captions = None
-  if request.text:
-    if not m.text_len:
-      raise RequestError(f"--text given but the model in {request.checkpoint} has no text "
-                         "encoder (model.text_len 0).")
-    spm = request.spm or config.data.get("caption_model", "")
-    if not spm or not os.path.isfile(spm):
-      raise RequestError(f"--text needs the caption tokenizer: --spm={spm or '(unset)'} is not "
-                         "a file (captions.model of the training dataset).")
-    captions = captions_lib.CaptionTokenizer(spm)
+  if request.text and not m.text_len:
+    raise RequestError(f"--text given but the model in {request.checkpoint} has no text "
+                       "encoder (model.text_len 0).")
+  spm = request.spm or config.data.get("caption_model", "")
+  if request.text and (not spm or not os.path.isfile(spm)):
+    raise RequestError(f"--text needs the caption tokenizer: --spm={spm or '(unset)'} is not "
+                       "a file (captions.model of the training dataset).")
+  captions = captions_lib.CaptionTokenizer(spm) if m.text_len and spm and os.path.isfile(
+      spm) else None
   factor = 2 ** (len(vq_config.model.ch_mult) - 1)
   check_sizes(request, (m.patch_rows * factor, m.patch_cols * factor))  # before any compute
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
@@ -295,7 +302,7 @@ def run(request: Request, loaded: Loaded | None = None) -> dict[str, Any]:
   """Serves one request; returns {'tokens', 'paths', 'scores', 'seconds', ...}."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from nuwa_jax.runtime import images  # pylint: disable=g-import-not-at-top
-  from nuwa_jax.sampler import PatchSampler, SamplingOptions  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.sampler import SamplingOptions  # pylint: disable=g-import-not-at-top
   if request.task not in gen.TASKS:
     raise RequestError(f"--task={request.task!r}: expected one of {gen.TASKS}.")
   if request.task == "unconditional" and request.text:
@@ -325,6 +332,8 @@ def run(request: Request, loaded: Loaded | None = None) -> dict[str, Any]:
   if request.image:
     given, given_pixels = _given_tokens(loaded, request, height, width)
   text = text_mask = None
+  if request.text and loaded.captions is None:
+    raise RequestError("--text given but no caption tokenizer is loaded (--spm).")
   if request.text:
     text, text_mask = loaded.captions.encode([request.text], m.text_len)
   canvas = gen.make_canvas(request.task, (m.patch_rows, m.patch_cols), request.batch,
@@ -333,7 +342,7 @@ def run(request: Request, loaded: Loaded | None = None) -> dict[str, Any]:
                            text_mask)
   os.makedirs(request.out, exist_ok=True)
   t0 = time.time()
-  sampler = PatchSampler(loaded.model, loaded.params, request.batch, options)
+  sampler = loaded.sampler(request.batch, options)
   decoder = Decoder(loaded, request.out, canvas)
   decoder.loaded_fps = request.fps
   compile_s = time.time() - t0
