@@ -7,6 +7,17 @@ Variants: size=tiny|paper; steps=N (updates; one per patch in render-and-optimiz
 mode=render_and_optimize|full_chain; data=synthetic_token_grids|token_grids; text=true|false.
 `config.total_steps` counts optimizer updates: one per patch (render-and-optimize) or one per
 chain (full_chain).
+
+Pre-tokenised data (nuwa_jax.data.pretokenize), one or several datasets mixed in one run:
+
+  python -m nuwa_jax.train --config=configs/nuwa_infinity.py:size=tiny,data=token_grids \
+      --config.data.dataset=tok/images,tok/scenes,tok/clips --workdir=/tmp/nuwa_mix
+
+Each batch comes from one dataset (`data.weights`: batches of each per cycle, default one
+each) and uses a grid of `grids` that fits its smallest example (clips get the multi-frame
+grids, images the others); a grid that fits no dataset is an error. With data=token_grids the
+tiny model's vocab is the tiny VQGAN's 512 codes (configs/vqgan.py); a vocab smaller than the
+tokenizer's codebook is an error naming config.model.vocab.
 """
 
 import ml_collections
@@ -30,6 +41,8 @@ def get_config(arg=None):
   (width, depth, heads, mlp, vocab, patch, extent, pool, text_len, text_vocab, batch,
    steps) = SIZES[v.size]
   paper = v.size == "paper"
+  if v.data == "token_grids" and not paper:
+    vocab = 512  # the tiny VQGAN's codebook (configs/vqgan.py)
 
   c = ml_collections.ConfigDict()
   c.trainer = "nuwa_infinity"
@@ -53,9 +66,11 @@ def get_config(arg=None):
       scan_layers=True, remat="full" if paper else "none",
       dtype="bfloat16" if paper else "float32", pool_slots=pool))
 
+  # data=token_grids: `dataset` = chunk folder(s) of nuwa_jax.data.pretokenize, comma-separated
+  # to mix; `weights` = comma-separated batches per dataset per cycle ("" = one each).
   c.data = ml_collections.ConfigDict(dict(
       name=v.data, num_train=2048, num_eval=64, mirror=False,
-      data_dir="", dataset="", tokenizer_workdir=""))
+      data_dir="", dataset="", weights="", tokenizer_workdir=""))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4 if paper else 1e-3, warmup_fraction=0.05, decay="linear", b1=0.9, b2=0.95,
@@ -70,5 +85,7 @@ def get_config(arg=None):
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200 if not paper else 2000,
                                                 keep=3, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=200 if not paper else 5000, chains=2))
+  # Held-out chains per evaluation; a mix of datasets is evaluated one batch of each in turn.
+  c.eval = ml_collections.ConfigDict(dict(every_steps=200 if not paper else 5000,
+                                          chains=6 if v.data == "token_grids" else 2))
   return c

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from nuwa_jax.config_utils import (ConfigError, check_batch_layout, check_choice,
                                    check_positive)
 from nuwa_jax.data.pipeline import HostBatchIterator
-from nuwa_jax.data.token_grids import ChainBatch, SyntheticTokenGrids
+from nuwa_jax.data.token_grids import ChainBatch, SyntheticTokenGrids, unigram_cross_entropy
 from nuwa_jax.models import nuwa as nuwa_model
 from nuwa_jax.orders import DIRECTIONS
 from nuwa_jax.runtime import mesh as mesh_lib
@@ -83,7 +83,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
 # ----------------------------------------------------------------------------------------
 
 def make_sources(config):
-  """Train and held-out token-grid sources."""
+  """Train and held-out token-grid sources.
+
+  `data.name = "token_grids"`: the pre-tokenised datasets of `config.data.dataset` (chunk
+  folders of nuwa_jax.data.pretokenize, comma-separated to mix images, captioned images and
+  clips) as `TokenMix`es; mismatches with the model (vocabularies, grids larger than the data)
+  are ConfigErrors raised here, before anything is compiled.
+  """
   d, m = config.data, config.model
   if d.name == "synthetic_token_grids":
     frames = max(g[0] for g in config.grids)
@@ -94,7 +100,24 @@ def make_sources(config):
     return (SyntheticTokenGrids(d.num_train, seed=config.seed, **kw),
             SyntheticTokenGrids(d.num_eval, seed=config.seed + 10_000, **kw))
   from nuwa_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
-  return pretokenize.token_sources(config)
+  train_source, eval_source = pretokenize.token_sources(config)
+  for name, train, test in zip(eval_source.names, train_source.sources, eval_source.sources):
+    logging.info("held-out %s: unigram baseline nll %.3f (train-split token frequencies)",
+                 name, unigram_cross_entropy(train, test, m.vocab))
+  if config.eval.chains < len(eval_source.names):
+    logging.warning("config.eval.chains=%d < %d datasets: held-out scores miss some of them.",
+                    config.eval.chains, len(eval_source.names))
+  return train_source, eval_source
+
+
+def make_batches(config, source, mesh: Mesh, start_batch: int = 0, train: bool = True
+                 ) -> HostBatchIterator:
+  """This host's batches of `source`: shuffled by the seed for training (unless the source
+  shuffles by itself, as TokenMix does), in order for evaluation."""
+  sharding = shd.logical_sharding(("batch",), mesh, config.sharding.rules)
+  return HostBatchIterator(source, config.batch_size, sharding,
+                           seed=config.seed if train else 0, start_batch=start_batch,
+                           shuffle=train and not getattr(source, "shuffles_itself", False))
 
 
 def chain_rngs(seed: int, positions) -> list[np.random.Generator]:
@@ -108,14 +131,21 @@ def grid_for_chain(config, chain: int) -> tuple[int, int, int]:
 
 
 def next_chain(config, batches: HostBatchIterator, order: str) -> ChainBatch:
-  """This host's part of the next batch of chains."""
+  """This host's part of the next batch of chains (its grid comes with the examples from a
+  TokenMix, else from `grid_for_chain`)."""
   chain = batches.batches
   local = batches.next_local()
   positions = chain * config.batch_size + batches.lo + np.arange(batches.hi - batches.lo)
-  examples = [{k: v[i] for k, v in local.items()} for i in range(len(positions))]
+  examples = [{k: local[k][i] for k in ("tokens", "text", "text_mask")}
+              for i in range(len(positions))]
+  grid = (tuple(int(x) for x in local["grid"][0]) if "grid" in local
+          else grid_for_chain(config, chain))
   m = config.model
-  return ChainBatch(examples, grid_for_chain(config, chain), (m.patch_rows, m.patch_cols),
-                    tuple(m.extent), m.pool_slots, chain_rngs(config.seed, positions), order)
+  out = ChainBatch(examples, grid, (m.patch_rows, m.patch_cols), tuple(m.extent), m.pool_slots,
+                   chain_rngs(config.seed, positions), order)
+  if "kind" in local:
+    out.kind = int(local["kind"][0])
+  return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -353,12 +383,19 @@ def chain_nll(config, built: Built, params, chain: ChainBatch, empty_pool: bool 
 
 def evaluate(config, built: Built, params, source, order: str = "right",
              chains: int | None = None) -> dict[str, float]:
-  """Mean held-out nll over `config.eval.chains` fixed chains in a fixed order."""
-  it = HostBatchIterator(source, config.batch_size, shd.logical_sharding(
-      ("batch",), built.mesh, config.sharding.rules), seed=0, shuffle=False)
-  nlls = [chain_nll(config, built, params, next_chain(config, it, order)).mean()
-          for _ in range(chains or config.eval.chains)]
-  return {"eval_nll": float(np.mean(nlls))}
+  """Mean held-out nll over `config.eval.chains` fixed chains in a fixed order (and per
+  dataset, `eval_nll/<name>`, when the source mixes several)."""
+  it = make_batches(config, source, built.mesh, train=False)
+  nlls, kinds = [], []
+  for _ in range(chains or config.eval.chains):
+    chain = next_chain(config, it, order)
+    nlls.append(chain_nll(config, built, params, chain).mean())
+    kinds.append(chain.kind)
+  scores = {"eval_nll": float(np.mean(nlls))}
+  for k, name in enumerate(getattr(source, "names", ())):
+    if k in kinds:
+      scores[f"eval_nll/{name}"] = float(np.mean([n for n, c in zip(nlls, kinds) if c == k]))
+  return scores
 
 
 def unigram_nll(source, vocab: int, examples: int = 256) -> float:
@@ -379,19 +416,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   logging.info("mesh: %s", mesh_lib.describe(mesh))
+  train_source, eval_source = make_sources(config)  # data/model mismatches fail before compiling
   built = build(config, mesh)
   layout = built.layout
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(layout.sharded.abstract.params))
   logging.info("nuwa_infinity: %.2fM parameters, pool %s", n_params / 1e6,
                layout.abstract_pool.shape)
-  train_source, eval_source = make_sources(config)
 
   ckpt = Checkpointer(f"{workdir}/checkpoints", config.checkpoint.every_steps,
                       config.checkpoint.keep, config.checkpoint.async_save)
   state, data_state, step = ckpt.restore_or_init(layout.sharded, config.seed)
-  batches = HostBatchIterator(train_source, config.batch_size, shd.logical_sharding(
-      ("batch",), mesh, config.sharding.rules), seed=config.seed,
-                              start_batch=data_state["batches"])
+  batches = make_batches(config, train_source, mesh, data_state["batches"])
   writer = MetricWriter(workdir)
   metrics = AsyncMetrics(writer, config.total_steps, layout.tokens_per_step,
                          config.log_every_steps, first_step=step)
