@@ -81,6 +81,15 @@ def _load_config(workdir: str, what: str):
   return load_json(path)
 
 
+def _token_metas(config) -> list[dict]:
+  """tokens.json of each pre-tokenised dataset the model was trained on (tokenizer workdir and
+  caption model, when the config does not name them)."""
+  from nuwa_jax.data import pretokenize  # pylint: disable=g-import-not-at-top
+  if config.data.get("name") != "token_grids":
+    return []
+  return [pretokenize.read_meta(f) for f in config.data.get("dataset", "").split(",") if f]
+
+
 @dataclasses.dataclass
 class Loaded:
   config: Any
@@ -114,7 +123,9 @@ def load(request: Request) -> Loaded:
   if config.get("trainer") != "nuwa_infinity":
     raise RequestError(f"--checkpoint={request.checkpoint} holds a {config.get('trainer')!r} "
                        "model, not nuwa_infinity.")
-  tokenizer_dir = request.tokenizer or config.data.get("tokenizer_workdir", "")
+  metas = _token_metas(config)
+  tokenizer_dir = request.tokenizer or config.data.get("tokenizer_workdir", "") or next(
+      (meta["tokenizer_workdir"] for meta in metas if meta.get("tokenizer_workdir")), "")
   if not tokenizer_dir:
     raise RequestError("no tokenizer: pass --tokenizer=VQGAN_WORKDIR (the checkpoint's config "
                        "has no data.tokenizer_workdir).")
@@ -126,7 +137,8 @@ def load(request: Request) -> Loaded:
   if request.text and not m.text_len:
     raise RequestError(f"--text given but the model in {request.checkpoint} has no text "
                        "encoder (model.text_len 0).")
-  spm = request.spm or config.data.get("caption_model", "")
+  spm = request.spm or config.data.get("caption_model", "") or next(
+      (meta["caption_model"] for meta in metas if meta.get("caption_model")), "")
   if request.text and (not spm or not os.path.isfile(spm)):
     raise RequestError(f"--text needs the caption tokenizer: --spm={spm or '(unset)'} is not "
                        "a file (captions.model of the training dataset).")
