@@ -423,13 +423,16 @@ _HELP = {"task": f"one of {gen.TASKS}", "checkpoint": "NUWA-Infinity training wo
          "top_p": "1 = off", "guidance": "classifier-free guidance scale (1 = off)",
          "cached": "key/value cache (off: recompute every token)", "fps": "video frame rate",
          "stop_after": "stop after N patches (testing resume)"}
-for _name, _field in _FLAGS.items():
-  _define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-             bool: flags.DEFINE_bool}[{"str": str, "int": int, "float": float,
-                                       "bool": bool}[_field.type]]
-  _define(_name, None if _field.default is dataclasses.MISSING else _field.default,
-          _HELP[_name])
-flags.mark_flags_as_required(["task", "checkpoint", "out"])
+
+
+def define_flags() -> None:
+  """The command's flags, one per Request field (defined only when run as a command)."""
+  kinds = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "bool": flags.DEFINE_bool}
+  for name, field in _FLAGS.items():
+    default = None if field.default is dataclasses.MISSING else field.default
+    kinds[field.type](name, default, _HELP[name])
+  flags.mark_flags_as_required(["task", "checkpoint", "out"])
 
 
 def main(argv):
@@ -449,4 +452,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
