@@ -13,7 +13,9 @@ missing; the training stages resume from their checkpoints):
                  captioned scenes, captioned clips) → WORKDIR/nuwa;
   5. samples     a wide panorama, an outpainting of a held-out photo, an animation of a photo,
                  text-to-image and text-to-video from held-out synthetic captions with their
-                 scores → WORKDIR/samples/<task>/, and WORKDIR/samples/contact_sheet.png.
+                 scores → WORKDIR/samples/seed<S>/<task>/ and .../contact_sheet.png
+                 (a rerun with another --seed only samples; with the same seed it only
+                 rewrites what is missing).
 
 The step counts below are what fits the 20-minute budget on this machine (BUILD_NOTES.md,
 "Main job"); --scale multiplies them for a longer, better run.
@@ -134,7 +136,7 @@ def samples(workdir: str, nuwa_dir: str, builders: dict, seed: int) -> dict:
   photo = media.sample_media_paths()[0]["coffee"]  # in the test split of sample_media:images
   scene_caption = captions_lib.dataset_captions(builders["scenes"], "test")[0]
   clip_caption = captions_lib.dataset_captions(builders["clips"], "test")[0]
-  out = os.path.join(workdir, "samples")
+  out = os.path.join(workdir, "samples", f"seed{seed}")
   common = dict(checkpoint=nuwa_dir, seed=seed, top_k=TOP_K)
   requests = [
       sample_lib.Request(task="unconditional", out=f"{out}/panorama", height=64, width=2048,
@@ -215,7 +217,7 @@ def main(argv):
   times["samples"] = time.time() - t
   times["total"] = time.time() - t_all
   summary["stage_seconds"] = {k: round(v, 1) for k, v in times.items()}
-  path = os.path.join(workdir, "samples", "summary.json")
+  path = os.path.join(workdir, "samples", f"seed{_SEED.value}", "summary.json")
   with open(path + ".tmp", "w") as f:
     json.dump(summary, f, indent=1, default=str)
   os.replace(path + ".tmp", path)

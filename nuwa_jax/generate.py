@@ -244,6 +244,13 @@ def generate(sampler: PatchSampler, canvas: Canvas, seed: int = 0, out_dir: str 
     logging.info("resuming: %d of %d patches already generated", done, schedule.num_steps)
 
   pr, pc = canvas.patch
+  if done == schedule.num_steps:  # finished before: only (re)write what is missing
+    finished = np.ones(canvas.grid, bool)
+    for unit in sorted({canvas.unit_of(c) for c in canvas.order}, key=[
+        canvas.unit_of(c) for c in canvas.order].index):
+      if on_unit is not None:
+        on_unit(unit, tokens, finished)
+    return tokens
   unit_size: dict[int, int] = {}
   for coord in canvas.order:
     unit_size[canvas.unit_of(coord)] = unit_size.get(canvas.unit_of(coord), 0) + 1
