@@ -161,13 +161,14 @@ def samples(workdir: str, nuwa_dir: str, builders: dict, seed: int) -> dict:
         round(result["compile_seconds"], 2), "scores": result["scores"],
         "wall_seconds": round(time.time() - t0, 1)}
     logging.info("%s: %s", request.task, summary[request.task])
-    for i, path in enumerate(result["paths"]["png"]):
-      label = request.task + (f": {request.text}" if request.text else "")
-      if result["scores"]:
-        label += f" (score {result['scores'][i]['score']:.2f})"
-      sheet.append((label, np.asarray(Image.open(path))))
+    label = request.task + (f": {request.text}" if request.text else "")
+    if result["scores"]:
+      label += "  scores " + " ".join(f"{s['score']:.2f}" for s in result["scores"])
+    pictures = [np.asarray(Image.open(p).convert("RGB")) for p in result["paths"]["png"]]
+    sheet.append((label, np.concatenate(pictures, axis=0 if request.frames > 1 and
+                                        request.task in ("animate", "text_to_video") else 1)))
   summary["contact_sheet"] = images.contact_sheet(os.path.join(out, "contact_sheet.png"),
-                                                  sheet, width=1024)
+                                                  sheet, width=1024, max_upscale=3)
   return summary
 
 

@@ -53,14 +53,19 @@ def save_gif(path: str, frames: np.ndarray, fps: float = 4.0) -> str:
   return path
 
 
-def contact_sheet(path: str, items: Sequence[tuple[str, np.ndarray]], width: int = 768) -> str:
-  """A labelled column of pictures (each scaled to `width`), for a run's overview."""
+def contact_sheet(path: str, items: Sequence[tuple[str, np.ndarray]], width: int = 768,
+                  max_upscale: int = 0) -> str:
+  """A labelled column of pictures (each scaled to `width`, or enlarged at most
+  `max_upscale` times when > 0), for a run's overview."""
   tiles = []
   for label, image in items:
     image = Image.fromarray(to_uint8(image))
     scale = width / image.width
-    image = image.resize((width, max(1, round(image.height * scale))), Image.NEAREST
-                         if scale >= 1 else Image.BICUBIC)
+    if max_upscale and scale > 1:
+      scale = min(max_upscale, int(scale))
+    image = image.resize((max(1, round(image.width * scale)),
+                          max(1, round(image.height * scale))),
+                         Image.NEAREST if scale >= 1 else Image.BICUBIC)
     tile = Image.new("RGB", (width, image.height + 18), "white")
     tile.paste(image, (0, 18))
     ImageDraw.Draw(tile).text((4, 3), label, fill="black")
