@@ -51,7 +51,11 @@ def get_config(arg=None):
       num_heads=heads, mlp_dim=mlp, dropout=0.0, text_vocab=text_vocab,
       text_len=text_len if v.text else 0, text_depth=2 if not paper else 6,
       scan_layers=True, remat="full" if paper else "none",
-      dtype="bfloat16" if paper else "float32", pool_slots=pool))
+      dtype="bfloat16" if paper else "float32", pool_slots=pool,
+      # Context entries a patch step attends to (each a pool slot + offset index); 0: the most
+      # valid entries any order trained on can produce on `grids` (tiny 8, paper 11, of the
+      # 75 offsets of extent (1, 2, 2)); a schedule needing more is an error.
+      max_context=0))
 
   c.data = ml_collections.ConfigDict(dict(
       name=v.data, num_train=2048, num_eval=64, mirror=False,
