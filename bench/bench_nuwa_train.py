@@ -5,7 +5,8 @@ r"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimiz
   512, depth 8, heads 8, mlp 2048, vocab 1024, 16x16 patches (256 tokens), no text, batch 8,
   plus M*256 context tokens from the pool (extent (0,1,1): K = 9 offsets, of which at most
   M = 5 are ever valid with the library's orders: 1280 tokens). --variants: f32|bf16, then
-  :noscan, :remat=full|dots, :extent=E.E.E, :ctx=M (context entries; 9 = one per offset).
+  :scan|:noscan (default the config's: unrolled), :remat=full|dots, :extent=E.E.E, :ctx=M
+  (context entries; 9 = one per offset).
   The PyTorch peer shared/peers/bench_gpt_train.py (GPT d512, 8 layers, 8 heads, vocab 1024,
   seq 256, batch 8, AdamW; minGPT, x-transformers) runs before and after ours, in its venv.
   FLOPs/step: matmuls of our traced step (tools/aot.py jaxpr_matmul_flops), the peer's own
@@ -82,15 +83,17 @@ def matmul_peak(dtype, n=2048, repeats=10):
 
 
 def step_config(a, variant):
-  """Tiny config with the issue's sizes. variant: 'f32'|'bf16', then any of ':noscan',
-  ':remat=full|dots', ':extent=E.E.E' (default 0.1.1), ':ctx=M' (model.max_context; default
-  0: the most valid entries the library's orders produce, 5 at extent (0,1,1))."""
+  """Tiny config with the issue's sizes. variant: 'f32'|'bf16', then any of ':scan' /
+  ':noscan' (default: the config's, unrolled for tiny), ':remat=full|dots', ':extent=E.E.E'
+  (default 0.1.1), ':ctx=M' (model.max_context; default 0: the most valid entries the
+  library's orders produce, 5 at extent (0,1,1), 0 at extent (0,0,0))."""
   dtype, *opts = variant.split(":")
   c = nuwa_config.get_config("size=tiny,text=false")
   c.model.update(width=512, depth=8, num_heads=8, mlp_dim=2048, vocab=1024, patch_rows=16,
                  patch_cols=16, extent=(0, 1, 1), text_len=0, pool_slots=9, remat="none",
-                 dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
-                 scan_layers="noscan" not in opts)
+                 dtype={"f32": "float32", "bf16": "bfloat16"}[dtype])
+  if "scan" in opts or "noscan" in opts:  # else the config's default (tiny: unrolled)
+    c.model.scan_layers = "scan" in opts
   for key, _, value in (o.partition("=") for o in opts):
     if key == "remat":
       c.model.remat = value
@@ -98,7 +101,7 @@ def step_config(a, variant):
       c.model.extent = tuple(int(x) for x in value.split("."))
     elif key == "ctx":
       c.model.max_context = int(value)
-    elif key != "noscan":
+    elif key not in ("scan", "noscan"):
       raise ValueError(f"unknown variant option {key!r}")
   c.grids, c.batch_size = ((1, 3, 3),), a.batch  # 3x3 chains: 9 pool slots always suffice
   return c
@@ -286,8 +289,8 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--variants", default="f32,bf16,bf16:noscan,f32:ctx=9,bf16:noscan:ctx=9,"
-                 "bf16:noscan:extent=0.0.0", help="see step_config")
+  p.add_argument("--variants", default="f32,bf16,f32:scan,bf16:scan,f32:ctx=9,bf16:ctx=9,"
+                 "bf16:extent=0.0.0", help="see step_config")
   p.add_argument("--peers", default="mingpt,xtransformers", help="peer impls or 'none'")
   p.add_argument("--peers-dir", default=os.path.join(os.path.dirname(REPO), "shared", "peers"))
   p.add_argument("--peer-python", default="", help="default ${PEER_VENV:-~/.venvs/peers}")
