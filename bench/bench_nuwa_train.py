@@ -3,8 +3,10 @@ r"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimiz
 
 --section=train_step: the per-patch train step of trainers/nuwa_infinity.py (`build`) at width
   512, depth 8, heads 8, mlp 2048, vocab 1024, 16x16 patches (256 tokens), no text, batch 8,
-  plus K*256 context tokens from the pool (extent (0,1,1): K = 9, 2304 tokens). --variants:
-  f32|bf16, then :noscan, :remat=full|dots, :extent=E.E.E, :f32acc (see f32_accumulation).
+  plus M*256 context tokens from the pool (extent (0,1,1): K = 9 offsets, of which at most
+  M = 5 are ever valid with the library's orders: 1280 tokens). --variants: f32|bf16, then
+  :scan|:noscan (default the config's: unrolled), :remat=full|dots, :extent=E.E.E, :ctx=M
+  (context entries; 9 = one per offset).
   The PyTorch peer shared/peers/bench_gpt_train.py (GPT d512, 8 layers, 8 heads, vocab 1024,
   seq 256, batch 8, AdamW; minGPT, x-transformers) runs before and after ours, in its venv.
   FLOPs/step: matmuls of our traced step (tools/aot.py jaxpr_matmul_flops), the peer's own
@@ -25,7 +27,6 @@ The peer needs ${PEER_VENV:-~/.venvs/peers} (shared/peers/setup_venvs.sh torch).
 """
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -47,8 +48,6 @@ from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime import sharding as shd
 from nuwa_jax.tools.aot import jaxpr_matmul_flops
 from nuwa_jax.trainers import nuwa_infinity as trainer
-
-DOT = jax.lax.dot_general  # unpatched
 
 
 def stats(xs):  # as shared/peers/benchutil.py
@@ -83,59 +82,26 @@ def matmul_peak(dtype, n=2048, repeats=10):
   return {"best": 2 * n ** 3 / min(times) / 1e9}
 
 
-def dense_dot(x, w, dims, precision=None):
-  """bf16 Dense dot with float32 accumulation whose backward dots are bf16 x bf16 -> f32 too
-  (the automatic transpose would multiply an f32 cotangent by a bf16 operand: XLA:CPU's
-  slow path). Flax's Dense/DenseGeneral contract x's trailing axes with w's leading ones."""
-  (xc, wc), batch = dims
-  nk, f32 = x.ndim - len(xc), jnp.float32
-  if batch != ((), ()) or tuple(xc) != tuple(range(nk, x.ndim)) or tuple(wc) != tuple(
-      range(len(wc))) or not x.dtype == w.dtype == jnp.bfloat16:
-    return DOT(x, w, dims, precision)
-
-  @jax.custom_vjp
-  def dot(x, w):
-    return DOT(x, w, dims, preferred_element_type=f32).astype(x.dtype)
-
-  def bwd(res, g):
-    x, w = res
-    dx = DOT(g, w, ((range(nk, g.ndim), range(len(wc), w.ndim)), ((), ())),
-             preferred_element_type=f32)
-    dw = DOT(x, g, ((range(nk), range(nk)), ((), ())), preferred_element_type=f32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-  dot.defvjp(lambda x, w: (dot(x, w), (x, w)), bwd)
-  return dot(x, w)
-
-
-@contextlib.contextmanager
-def f32_accumulation(on):
-  """While tracing, Flax's Dense dots go through `dense_dot`: a bench-only stand-in for a
-  change to the library's layers suggested in bench/README.md (attention einsums unchanged)."""
-  if on:  # Flax calls jax.lax.dot_general(x, kernel, dims, precision=...) at call time
-    jax.lax.dot_general = lambda x, w, dims, precision=None, **kw: (
-        DOT(x, w, dims, precision, **kw) if kw else dense_dot(x, w, dims, precision))
-  try:
-    yield
-  finally:
-    jax.lax.dot_general = DOT
-
-
 def step_config(a, variant):
-  """Tiny config with the issue's sizes. variant: 'f32'|'bf16', then any of ':noscan',
-  ':remat=full|dots', ':f32acc' (see f32_accumulation), ':extent=E.E.E' (default 0.1.1)."""
+  """Tiny config with the issue's sizes. variant: 'f32'|'bf16', then any of ':scan' /
+  ':noscan' (default: the config's, unrolled for tiny), ':remat=full|dots', ':extent=E.E.E'
+  (default 0.1.1), ':ctx=M' (model.max_context; default 0: the most valid entries the
+  library's orders produce, 5 at extent (0,1,1), 0 at extent (0,0,0))."""
   dtype, *opts = variant.split(":")
   c = nuwa_config.get_config("size=tiny,text=false")
   c.model.update(width=512, depth=8, num_heads=8, mlp_dim=2048, vocab=1024, patch_rows=16,
                  patch_cols=16, extent=(0, 1, 1), text_len=0, pool_slots=9, remat="none",
-                 dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
-                 scan_layers="noscan" not in opts)
+                 dtype={"f32": "float32", "bf16": "bfloat16"}[dtype])
+  if "scan" in opts or "noscan" in opts:  # else the config's default (tiny: unrolled)
+    c.model.scan_layers = "scan" in opts
   for key, _, value in (o.partition("=") for o in opts):
     if key == "remat":
       c.model.remat = value
     elif key == "extent":
       c.model.extent = tuple(int(x) for x in value.split("."))
-    elif key not in ("noscan", "f32acc"):
+    elif key == "ctx":
+      c.model.max_context = int(value)
+    elif key not in ("scan", "noscan"):
       raise ValueError(f"unknown variant option {key!r}")
   c.grids, c.batch_size = ((1, 3, 3),), a.batch  # 3x3 chains: 9 pool slots always suffice
   return c
@@ -144,12 +110,11 @@ def step_config(a, variant):
 def bench_nuwa_step(a, variant, peaks):
   config = step_config(a, variant)
   mesh = mesh_lib.create_mesh(config.mesh)
-  with f32_accumulation("f32acc" in variant):
-    t0, built = time.perf_counter(), trainer.build(config, mesh)
-    compile_s = time.perf_counter() - t0
-    layout = built.layout
-    flops = jaxpr_matmul_flops(jax.make_jaxpr(trainer.make_train_fn(config, layout))(
-        *layout.train_args()).jaxpr)
+  t0, built = time.perf_counter(), trainer.build(config, mesh)
+  compile_s = time.perf_counter() - t0
+  layout = built.layout
+  flops = jaxpr_matmul_flops(jax.make_jaxpr(trainer.make_train_fn(config, layout))(
+      *layout.train_args()).jaxpr)
   chain = trainer.next_chain(config, batch_iterator(config, mesh), "random")
   steps = [trainer.to_global(built, chain.step(i)) for i in range(chain.num_steps)]
   box = {"state": built.sharded.init(jax.random.key(0)), "i": 0}
@@ -164,12 +129,13 @@ def bench_nuwa_step(a, variant, peaks):
 
   times, util = timed(one, a.repeats, a.warmup)
   st = stats(times)
-  tokens, k = config.batch_size * layout.model.patch_tokens, layout.model.num_context
+  tokens, k = config.batch_size * layout.model.patch_tokens, trainer.context_entries(config)
   return emit({
       "bench": "nuwa_train_step", "variant": variant, "jax": jax.__version__,
       "config": {"width": 512, "depth": 8, "heads": 8, "mlp": 2048, "vocab": 1024,
                  "patch_tokens": layout.model.patch_tokens, "extent": list(config.model.extent),
-                 "context_offsets_K": k, "context_tokens": k * layout.model.patch_tokens,
+                 "context_offsets_K": layout.model.num_context, "context_entries_M": k,
+                 "context_tokens": k * layout.model.patch_tokens,
                  "batch": config.batch_size, "text": False, "dtype": config.model.dtype,
                  "scan_layers": config.model.scan_layers, "remat": config.model.remat},
       "params": sum(x.size for x in jax.tree.leaves(layout.sharded.abstract.params)),
@@ -323,8 +289,8 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--variants", default="f32,bf16,f32:noscan,bf16:f32acc:noscan,"
-                 "f32:extent=0.0.0,bf16:f32acc:noscan:extent=0.0.0", help="see step_config")
+  p.add_argument("--variants", default="f32,bf16,f32:scan,bf16:scan,f32:ctx=9,bf16:ctx=9,"
+                 "bf16:extent=0.0.0", help="see step_config")
   p.add_argument("--peers", default="mingpt,xtransformers", help="peer impls or 'none'")
   p.add_argument("--peers-dir", default=os.path.join(os.path.dirname(REPO), "shared", "peers"))
   p.add_argument("--peer-python", default="", help="default ${PEER_VENV:-~/.venvs/peers}")

@@ -5,12 +5,17 @@ For a grid of patches, an order and an extent (e_t, e_h, e_w):
   cache   after patch i, its per-layer hidden states are stored in a free pool slot
   remove  last_use(j) = max{i : j in context(i)}; j's slot is freed once step last_use(j) ends
 
-Static shapes for jit: each step's context is a fixed vector of K = (2e_t+1)(2e_h+1)(2e_w+1)
-entries, one per relative offset (dt, dr, dc), in a fixed order, so entry k always carries the
-offset `offset_of(k)` and its learned bias; entries with no patch are masked. The pool itself
-has a fixed number of storage slots (`pool_slots`); `Schedule.peak_occupancy` says how many an
-order needs (column-major orders on a fixed-height canvas need about (e_w + 1) columns, however
-wide the canvas).
+Static shapes for jit: the schedule lists each step's context as a vector of
+K = (2e_t+1)(2e_h+1)(2e_w+1) entries, one per relative offset (dt, dr, dc) in a fixed order
+(entry k has offset `offset_of(k)`); entries with no patch are invalid. Few of them are ever
+valid (a patch's own offset never is, and an order visits about half of a patch's neighbours
+before it), so what a step is fed is the compact form (`Schedule.compact`): `max_context`
+entries, the valid ones first, each a (pool slot, offset index, valid) triple; the model picks
+each entry's learned offset bias by its offset index. `max_valid_context` gives the largest
+number of valid entries the library's orders can produce on given grids. The pool itself has a
+fixed number of storage slots (`pool_slots`); `Schedule.peak_occupancy` says how many an order
+needs (column-major orders on a fixed-height canvas need about (e_w + 1) columns, however wide
+the canvas).
 """
 
 from __future__ import annotations
@@ -81,6 +86,42 @@ class Schedule:
   @property
   def peak_occupancy(self) -> int:
     return int(self.occupancy.max())
+
+  @property
+  def max_valid(self) -> int:
+    """The largest number of valid context entries of any step."""
+    return int(self.context_valid.sum(1).max(initial=0))
+
+  def compact(self, max_context: int | None = None) -> dict[str, np.ndarray]:
+    """Each step's context as `max_context` entries, valid ones first (in offset order).
+
+    Returns int32 context_slot [N, M] (pool slot), int32 context_offset [N, M] (offset index
+    into the K offsets, for the offset bias), bool context_valid [N, M]; padding entries are
+    (slot 0, offset 0, invalid). max_context None: M = K, entry k = offset k (no compaction).
+    Raises:
+      ValueError: a step has more than `max_context` valid entries.
+    """
+    n, k = self.context_valid.shape
+    if max_context is None:
+      return {"context_slot": self.context_slot,
+              "context_offset": np.broadcast_to(np.arange(k, dtype=np.int32), (n, k)).copy(),
+              "context_valid": self.context_valid}
+    if self.max_valid > max_context:
+      i = int(self.context_valid.sum(1).argmax())
+      raise ValueError(
+          f"step {i} of this order (patch {tuple(self.order[i].tolist())}) has "
+          f"{self.max_valid} valid context entries but the step takes max_context="
+          f"{max_context} (config model.max_context; 0 computes it from config.grids, "
+          "config.order and the extent).")
+    # Stable sort: valid entries first, each group in offset order (padded if M > K).
+    index = np.argsort(~self.context_valid, axis=1, kind="stable")[:, :max_context]
+    pad = ((0, 0), (0, max_context - index.shape[1]))
+    index = np.pad(index.astype(np.int32), pad)
+    valid = np.pad(np.take_along_axis(self.context_valid, index[:, :k], 1), pad)
+    return {"context_slot": np.where(valid, np.take_along_axis(self.context_slot, index, 1),
+                                     0).astype(np.int32),
+            "context_offset": np.where(valid, index, 0).astype(np.int32),
+            "context_valid": valid}
 
 
 def make_schedule(order: Sequence[Sequence[int]], extent: Sequence[int],
@@ -154,13 +195,65 @@ def schedule_for(grid: Sequence[int], extent: Sequence[int], direction: str = "r
   return make_schedule(orders_lib.raster(grid, direction), extent, pool_slots)
 
 
-def stack_schedules(schedules: Sequence[Schedule]) -> dict[str, np.ndarray]:
-  """Per-step arrays of a batch of chains of equal length, as [N, B, ...]."""
+def stack_schedules(schedules: Sequence[Schedule], max_context: int | None = None
+                    ) -> dict[str, np.ndarray]:
+  """Per-step arrays of a batch of chains of equal length, as [N, B, ...]: context_slot,
+  context_offset, context_valid [N, B, M] (see `Schedule.compact`; M = max_context or K) and
+  write_slot [N, B]."""
   lengths = {s.num_steps for s in schedules}
   if len(lengths) != 1:
     raise ValueError(f"chains in a batch must have the same number of patches, got {lengths}.")
-  return {
-      "context_slot": np.stack([s.context_slot for s in schedules], 1),
-      "context_valid": np.stack([s.context_valid for s in schedules], 1),
-      "write_slot": np.stack([s.write_slot for s in schedules], 1),
-  }
+  compact = [s.compact(max_context) for s in schedules]
+  out = {name: np.stack([c[name] for c in compact], 1)
+         for name in ("context_slot", "context_offset", "context_valid")}
+  out["write_slot"] = np.stack([s.write_slot for s in schedules], 1)
+  return out
+
+
+def count_valid_context(order: Sequence[Sequence[int]], extent: Sequence[int]) -> np.ndarray:
+  """int [N]: how many patches within the extent precede each patch of `order` (the number of
+  valid context entries of each step; vectorised, for enumerating many orders)."""
+  e_t, e_h, e_w = extent3(extent)
+  coords = np.asarray(order, np.int64).reshape(-1, 3)
+  shape = coords.max(0) + 1
+  pad = np.array([e_t, e_h, e_w])
+  step = np.full(tuple(shape + 2 * pad), np.iinfo(np.int64).max)
+  step[tuple((coords + pad).T)] = np.arange(len(coords))
+  mine = np.arange(len(coords))
+  count = np.zeros(len(coords), np.int64)
+  for k in range(num_offsets((e_t, e_h, e_w))):
+    off = np.asarray(offset_of(k, (e_t, e_h, e_w)))
+    if not off.any():
+      continue
+    count += step[tuple((coords + pad + off).T)] < mine
+  return count
+
+
+def library_orders(grid: Sequence[int], order: str = "random") -> list[list[tuple[int, int, int]]]:
+  """Every order `orders.sample_order` (order='random') can draw on `grid`: rasters in each
+  direction with each inner direction and rings around every region; for a raster direction,
+  the rasters only (every direction: evaluation and sampling may use another one)."""
+  frames, rows, cols = orders_lib._grid(grid)  # pylint: disable=protected-access
+  out = []
+  for direction in orders_lib.DIRECTIONS:
+    for inner in (("down", "up") if direction in ("right", "left") else ("right", "left")):
+      out.append(orders_lib.raster((frames, rows, cols), direction, inner))
+  if order == "random" and rows * cols > 1:
+    for r0 in range(rows):
+      for c0 in range(cols):
+        for r1 in range(r0 + 1, rows + 1):
+          for c1 in range(c0 + 1, cols + 1):
+            out.append(orders_lib.rings((frames, rows, cols), (r0, c0, r1, c1)))
+  return out
+
+
+def max_valid_context(grids: Sequence[Sequence[int]], extent: Sequence[int],
+                      order: str = "random") -> int:
+  """The largest number of valid context entries of any step of any of `library_orders` on
+  any of `grids`: the default `max_context` of a configuration (0 for extent (0, 0, 0): a
+  patch's only offset is itself, never valid)."""
+  best = 0
+  for grid in grids:
+    for o in library_orders(grid, order):
+      best = max(best, int(count_valid_context(o, extent).max()))
+  return best

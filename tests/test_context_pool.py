@@ -134,3 +134,44 @@ def test_sampled_orders_cover_every_direction():
   assert {(0, 0, 0), (0, 0, 3), (0, 2, 0), (0, 2, 3)} <= firsts
   with pytest.raises(ValueError, match="exactly once"):
     orders.check_order((2, 2), [(0, 0, 0)] * 4)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_compact_context_keeps_every_valid_entry_with_its_offset(seed):
+  rng = np.random.default_rng(100 + seed)
+  _, extent, order = random_case(rng)
+  sched = cp.make_schedule(order, extent)
+  assert (cp.count_valid_context(order, extent) == sched.context_valid.sum(1)).all()
+  m = sched.max_valid + int(rng.integers(0, 3))
+  got = sched.compact(m)
+  assert all(v.shape == (len(order), m) for v in got.values())
+  for i in range(len(order)):
+    want = {(int(sched.context_slot[i, k]), k) for k in np.flatnonzero(sched.context_valid[i])}
+    valid = got["context_valid"][i]
+    pairs = set(zip(got["context_slot"][i][valid].tolist(),
+                    got["context_offset"][i][valid].tolist()))
+    assert pairs == want and valid.sum() == len(want)
+    assert not valid[valid.sum():].any()  # valid entries first
+  full = sched.compact(None)  # one entry per offset: entry k carries offset k
+  assert (full["context_offset"] == np.arange(cp.num_offsets(extent))).all()
+  assert (full["context_valid"] == sched.context_valid).all()
+  if sched.max_valid:
+    with pytest.raises(ValueError, match=f"has {sched.max_valid} valid context entries but "
+                                         f"the step takes max_context={sched.max_valid - 1}"):
+      sched.compact(sched.max_valid - 1)
+
+
+def test_max_valid_context_bounds_every_library_order():
+  # extent (0, 1, 1): a raster sees at most 4 of its 8 neighbours before it, rings 5.
+  assert cp.max_valid_context([(1, 8, 8)], (0, 1, 1), "right") == 4
+  assert cp.max_valid_context([(1, 8, 8)], (0, 1, 1)) == 5
+  assert cp.max_valid_context([(1, 1, 1)], (1, 2, 2)) == 0  # a single patch has no context
+  rng = np.random.default_rng(0)
+  grids, extent = [(1, 3, 4), (2, 2, 3)], (1, 2, 1)
+  bound = cp.max_valid_context(grids, extent)
+  seen = max(cp.make_schedule(orders.sample_order(rng, grids[i % 2]), extent).max_valid
+             for i in range(200))
+  assert seen == bound  # attained, never exceeded
+  stacked = cp.stack_schedules([cp.schedule_for((3, 4), extent, d) for d in ("right", "up")],
+                               bound)
+  assert stacked["context_offset"].shape == stacked["context_slot"].shape == (12, 2, bound)

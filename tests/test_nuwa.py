@@ -18,6 +18,7 @@ from conftest import CompileCounter
 
 B, P, D, L = 2, 6, 32, 2
 EXTENT = (0, 1, 1)
+M = 4  # compact context entries (of the 9 offsets)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,15 @@ def small():
   rng = np.random.default_rng(0)
   inputs = dict(
       tokens=jnp.asarray(rng.integers(0, 64, (B, P)), jnp.int32),
-      memory=jnp.asarray(rng.normal(size=(L, B, model.num_context, P, D)), jnp.float32),
-      valid=jnp.asarray(rng.random((B, model.num_context)) < 0.5),
+      memory=jnp.asarray(rng.normal(size=(L, B, M, P, D)), jnp.float32),
+      valid=jnp.asarray([[True, True, False, True], [True, False, True, False]]),
+      offset=jnp.asarray([rng.permutation(model.num_context)[:M] for _ in range(B)],
+                         jnp.int32),
       text=jnp.asarray(rng.integers(1, 20, (B, 5)), jnp.int32),
       text_mask=jnp.ones((B, 5), bool))
   params = nn.meta.unbox(model.init(jax.random.key(0), inputs["tokens"], inputs["memory"],
-                                    inputs["valid"], inputs["text"], inputs["text_mask"]))
+                                    inputs["valid"], inputs["text"], inputs["text_mask"],
+                                    memory_offset=inputs["offset"]))
   # Non-zero offset biases, so that the table matters.
   params["params"]["offset_bias"] = jnp.asarray(rng.normal(size=(4, model.num_context)))
   return model, params, inputs
@@ -46,7 +50,20 @@ def _apply(model, params, inputs, **changes):
   if model not in _APPLY:
     _APPLY[model] = jax.jit(model.apply)
   return _APPLY[model](params, x["tokens"], x["memory"], x["valid"], x["text"],
-                       x["text_mask"])
+                       x["text_mask"], memory_offset=x["offset"])
+
+
+def _full_context(model, inputs):
+  """The same context as K entries, one per offset (memory_offset None)."""
+  k = model.num_context
+  memory = np.zeros(inputs["memory"].shape[:2] + (k,) + inputs["memory"].shape[3:], np.float32)
+  valid = np.zeros((B, k), bool)
+  for b in range(B):
+    for j in range(M):
+      if inputs["valid"][b, j]:
+        memory[:, b, int(inputs["offset"][b, j])] = inputs["memory"][:, b, j]
+        valid[b, int(inputs["offset"][b, j])] = True
+  return dict(inputs, memory=jnp.asarray(memory), valid=jnp.asarray(valid), offset=None)
 
 
 def test_no_leakage_of_later_tokens_inside_a_patch(small):
@@ -68,28 +85,59 @@ def test_invalid_context_entries_have_no_effect(small):
   other, other_hidden = _apply(model, params, inputs, memory=garbage)
   np.testing.assert_array_equal(other, logits)
   np.testing.assert_array_equal(other_hidden, hidden)
+  # ... nor do their offsets ...
+  other, _ = _apply(model, params, inputs,
+                    offset=jnp.where(inputs["valid"], inputs["offset"], 8 - inputs["offset"]))
+  np.testing.assert_array_equal(other, logits)
   # ... while valid entries do matter.
   changed = jnp.where(inputs["valid"][None, :, :, None, None], inputs["memory"] + 1.0,
                       inputs["memory"])
   assert not np.allclose(_apply(model, params, inputs, memory=changed)[0], logits)
 
 
-def test_offset_bias_of_entry_k_applies_to_entry_k_only(small):
+def test_relative_bias_picks_the_table_entry_of_each_offset(small):
+  """An entry with offset index o feels offset_bias[:, o] and no other column, whichever of the
+  M compact entries carries it."""
   model, params, inputs = small
-  k_used = 4  # (dr, dc) = (0, 0)+... any entry: make it the only valid one
-  valid = jnp.zeros_like(inputs["valid"]).at[:, k_used].set(True)
-  base, _ = _apply(model, params, inputs, valid=valid)
-  for k in range(model.num_context):
+  k = model.num_context
+
+  def bump(columns):
     bumped = jax.tree.map(lambda x: x, params)
-    bumped["params"]["offset_bias"] = params["params"]["offset_bias"].at[:, k].add(3.0)
-    out, _ = _apply(model, bumped, inputs, valid=valid)
-    if k == k_used:
-      assert not np.allclose(out, base)
-    else:
-      np.testing.assert_array_equal(out, base)
-  # The bias is exactly a per-head logit shift on entry k: +b on all of entry k's keys equals
-  # shifting the softmax, which only a valid entry can feel; adding the same bias to every
-  # entry and to the current patch would be a no-op, adding it to one entry is not.
+    bumped["params"]["offset_bias"] = params["params"]["offset_bias"].at[:, columns].add(3.0)
+    return bumped
+
+  for o in range(k):
+    place = o % M  # the only valid entry, carrying offset o
+    valid = jnp.zeros_like(inputs["valid"]).at[:, place].set(True)
+    offset = inputs["offset"].at[:, place].set(o)
+    base, _ = _apply(model, params, inputs, valid=valid, offset=offset)
+    assert not np.allclose(_apply(model, bump([o]), inputs, valid=valid, offset=offset)[0], base)
+    others = [j for j in range(k) if j != o]
+    np.testing.assert_array_equal(
+        _apply(model, bump(others), inputs, valid=valid, offset=offset)[0], base)
+  # The bias is exactly a per-head logit shift on the entry's keys: +b on one valid entry
+  # shifts its share of the softmax; on invalid entries (masked) or unused columns it is
+  # nothing.
+
+
+def test_compact_context_equals_one_entry_per_offset(small):
+  """M entries with offset indices (any order of the entries) give the logits of the K-entry
+  context with entry k at offset k (memory_offset None, the old call)."""
+  model, params, inputs = small
+  logits, hidden = _apply(model, params, inputs)
+  full = _full_context(model, inputs)
+  want, want_hidden = jax.jit(model.apply)(params, full["tokens"], full["memory"],
+                                           full["valid"], full["text"], full["text_mask"])
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+  perm = np.array([2, 0, 3, 1])
+  shuffled = {"memory": inputs["memory"][:, :, perm], "valid": inputs["valid"][:, perm],
+              "offset": inputs["offset"][:, perm]}
+  np.testing.assert_allclose(_apply(model, params, inputs, **shuffled)[0], logits, rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="pass memory_offset"):
+    model.apply(params, inputs["tokens"], inputs["memory"], inputs["valid"], inputs["text"],
+                inputs["text_mask"])
 
 
 def test_caption_matters_and_dropped_caption_is_a_valid_condition(small):
@@ -120,11 +168,12 @@ def test_later_patches_never_change_earlier_patches_in_a_chain():
   source = SyntheticTokenGrids(4, 1, 12, 12, 256)
   examples = [source[0], source[1]]
   rngs = [np.random.default_rng(i) for i in range(2)]
-  chain = ChainBatch(examples, (1, 3, 3), (4, 4), (1, 2, 2), 24, rngs, "random")
+  m = trainer.context_entries(config)
+  chain = ChainBatch(examples, (1, 3, 3), (4, 4), (1, 2, 2), 24, rngs, "random", m)
   nll = trainer.chain_nll(config, built, state.params, chain)
   for i in (2, 5):
     changed = ChainBatch(examples, (1, 3, 3), (4, 4), (1, 2, 2), 24,
-                         [np.random.default_rng(j) for j in range(2)], "random")
+                         [np.random.default_rng(j) for j in range(2)], "random", m)
     changed.tokens[i:] = (changed.tokens[i:] + 1) % 256
     other = trainer.chain_nll(config, built, state.params, changed)
     np.testing.assert_array_equal(other[:i], nll[:i])
@@ -143,7 +192,8 @@ def test_sharded_and_single_device_patch_steps_agree():
     pool = trainer.new_pool(built)
     source = trainer.make_sources(config)[0]
     chain = ChainBatch([source[i] for i in range(config.batch_size)], (1, 2, 2), (4, 4),
-                       (1, 2, 2), 24, [np.random.default_rng(i) for i in range(8)], "random")
+                       (1, 2, 2), 24, [np.random.default_rng(i) for i in range(8)], "random",
+                       trainer.context_entries(config))
     losses = []
     for i in range(chain.num_steps):
       state, pool, m = built.train_step(state, pool, trainer.to_global(built, chain.step(i)))
@@ -203,3 +253,84 @@ def test_full_chain_mode_trains(tmp_path):
   out = trainer.train(config, str(tmp_path / "run"))
   losses = [h["loss"] for h in out["history"]]
   assert len(losses) == 12 and losses[-1] < losses[0]
+
+
+def test_context_entries_default_covers_the_orders_and_is_checked():
+  config = tiny_config()
+  # tiny: extent (1, 2, 2) = 75 offsets; at most 8 earlier patches within it on grids up to
+  # 3x3 (the last patch of a 3x3 chain) or 2x2x2.
+  assert trainer.context_entries(config) == 8
+  assert trainer.context_entries(tiny_config(**{"model.max_context": 3})) == 3
+  source = SyntheticTokenGrids(2, 1, 12, 12, 256)
+  with pytest.raises(ValueError, match="max_context=3"):
+    ChainBatch([source[0], source[1]], (1, 3, 3), (4, 4), (1, 2, 2), 24,
+               [np.random.default_rng(i) for i in range(2)], "right", 3)
+  with pytest.raises(Exception, match="max_context=76 exceeds the 75 offsets"):
+    trainer.validate(tiny_config(**{"model.max_context": 76}))
+
+
+# ------------------------------ bf16 compute with float32 accumulation ----------------------
+
+def _dots(jaxpr, out=None):
+  """(operand dtypes, output dtype) of every dot_general in a jaxpr and its sub-jaxprs."""
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append((tuple(v.aval.dtype.name for v in eqn.invars), eqn.outvars[0].aval.dtype.name))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _dots(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_general_in", "dense_general_out",
+                                  "attention"])
+def test_bf16_layers_accumulate_in_f32_forward_and_backward(kind):
+  """bf16 Dense/DenseGeneral/attention: every dot of fwd + bwd is bf16 x bf16 -> f32, and the
+  gradients equal the float32 computation on the same bf16-rounded inputs and weights."""
+  from nuwa_jax.models import layers
+  make, shape = {
+      "dense": (lambda dt: layers.Mlp(24, dtype=dt), (3, 5, 16)),
+      "dense_general_in": (lambda dt: nn.DenseGeneral(
+          (4, 6), dtype=dt, dot_general=layers.dot_general_for(dt)), (3, 5, 16)),
+      "dense_general_out": (lambda dt: nn.DenseGeneral(
+          16, axis=(-2, -1), dtype=dt, dot_general=layers.dot_general_for(dt)), (3, 5, 4, 6)),
+      "attention": (lambda dt: layers.Attention(2, 8, dtype=dt), (2, 7, 16)),
+  }[kind]
+  rng = np.random.default_rng(0)
+  rounded = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), t)
+  x = rounded(jnp.asarray(rng.normal(size=shape), jnp.float32))
+  call = (lambda m, p, x: m.apply(p, x, deterministic=True)) if kind == "dense" else (
+      lambda m, p, x: m.apply(p, x))
+  m16, m32 = make(jnp.bfloat16), make(jnp.float32)
+  params = rounded(nn.meta.unbox(m32.init(jax.random.key(0), x, **(
+      {"deterministic": True} if kind == "dense" else {}))))
+  params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero biases too
+  params = rounded(params)
+  cot = jnp.asarray(rng.normal(size=jax.eval_shape(lambda: call(m32, params, x)).shape))
+
+  def grads(module):
+    return jax.grad(lambda p, x: jnp.sum(call(module, p, x).astype(jnp.float32) * cot),
+                    argnums=(0, 1))
+
+  got, want = grads(m16)(params, x), grads(m32)(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, atol=3e-2 * float(jnp.max(jnp.abs(b))))
+  dots = _dots(jax.make_jaxpr(grads(m16))(params, x).jaxpr)
+  assert dots and set(dots) == {(("bfloat16", "bfloat16"), "float32")}, dots
+  # float32 layers are unchanged: plain f32 dots.
+  assert set(_dots(jax.make_jaxpr(grads(m32))(params, x).jaxpr)) == {
+      (("float32", "float32"), "float32")}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_pool_stores_each_example_at_its_slot(dtype):
+  rng = np.random.default_rng(0)
+  pool = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 6)), dtype)  # [L, B, S, P, D]
+  hidden = jnp.asarray(rng.normal(size=(2, 3, 5, 6)), jnp.float32)
+  slots = jnp.asarray([3, 0, 3], jnp.int32)
+  got = np.asarray(jax.jit(trainer.write_pool)(pool, slots, hidden).astype(jnp.float32))
+  want = np.asarray(pool.astype(jnp.float32)).copy()
+  for b, s in enumerate([3, 0, 3]):
+    want[:, b, s] = np.asarray(hidden[:, b].astype(dtype).astype(jnp.float32))
+  np.testing.assert_array_equal(got, want)

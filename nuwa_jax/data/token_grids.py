@@ -244,16 +244,19 @@ class ChainBatch:
   """One batch of chains of equal length, as per-step numpy arrays [N, B, ...].
 
   Attributes:
-    tokens [N, B, P], context_slot [N, B, K], context_valid [N, B, K], write_slot [N, B],
-    text [B, L], text_mask [B, L], orders [B, N, 3], grid (frames, rows, cols) in patches,
-    peak_occupancy (max over the batch).
+    tokens [N, B, P]; context_slot, context_offset, context_valid [N, B, M] (the compact
+    context, see context_pool.Schedule.compact: M = max_context, or K offsets when it is
+    None); write_slot [N, B]; text [B, L], text_mask [B, L], orders [B, N, 3], grid (frames,
+    rows, cols) in patches, peak_occupancy (max over the batch).
   """
 
   def __init__(self, examples: Sequence[Mapping[str, Any]], grid: Sequence[int],
                patch: tuple[int, int], extent, pool_slots: int,
-               rngs: Sequence[np.random.Generator], order: str = "random"):
+               rngs: Sequence[np.random.Generator], order: str = "random",
+               max_context: int | None = None):
     """Args: one rng per example (from its place in the global order, so that a chain does
-    not depend on how many hosts share the batch); order: 'random' or a raster direction."""
+    not depend on how many hosts share the batch); order: 'random' or a raster direction;
+    max_context: context entries per step (None: one per offset, K)."""
     frames, rows, cols = grid
     window = (frames, rows * patch[0], cols * patch[1])
     tokens, orders, schedules = [], [], []
@@ -266,9 +269,10 @@ class ChainBatch:
       orders.append(chain_order)
       schedules.append(context_pool.make_schedule(chain_order, extent, pool_slots))
       tokens.append(patches_in_order(grid_tokens, chain_order, *patch))
-    stacked = context_pool.stack_schedules(schedules)
+    stacked = context_pool.stack_schedules(schedules, max_context)
     self.tokens = np.stack(tokens, 1).astype(np.int32)
     self.context_slot = stacked["context_slot"]
+    self.context_offset = stacked["context_offset"]
     self.context_valid = stacked["context_valid"]
     self.write_slot = stacked["write_slot"]
     self.text = np.stack([np.asarray(ex["text"]) for ex in examples]).astype(np.int32)
@@ -285,5 +289,6 @@ class ChainBatch:
   def step(self, i: int) -> dict[str, np.ndarray]:
     """Inputs of patch step i for the whole batch."""
     return {"tokens": self.tokens[i], "context_slot": self.context_slot[i],
-            "context_valid": self.context_valid[i], "write_slot": self.write_slot[i],
+            "context_offset": self.context_offset[i], "context_valid": self.context_valid[i],
+            "write_slot": self.write_slot[i],
             "text": self.text, "text_mask": self.text_mask}

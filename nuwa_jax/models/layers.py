@@ -38,6 +38,86 @@ class LayerNorm(nn.Module):
                         bias_init=partitioned(nn.initializers.zeros, "norm"))(x)
 
 
+def _transpose_dims(dims, x_ndim, w_ndim):
+  """For out = dot_general(x, w, dims): the dims and output permutations of the two transposes.
+
+  Returns ((dx_dims, dx_perm), (dw_dims, dw_perm)) with
+    dx = transpose(dot_general(g, w, dx_dims), dx_perm),
+    dw = transpose(dot_general(x, g, dw_dims), dw_perm).
+  The output of dot_general(x, w, dims) is [batch (in xb order), x free, w free].
+  """
+  (xc, wc), (xb, wb) = dims
+  x_free = [a for a in range(x_ndim) if a not in xc and a not in xb]
+  w_free = [a for a in range(w_ndim) if a not in wc and a not in wb]
+  nb, nxf = len(xb), len(x_free)
+  g_batch = tuple(range(nb))
+  g_xfree = tuple(range(nb, nb + nxf))
+  g_wfree = tuple(range(nb + nxf, nb + nxf + len(w_free)))
+  # dx: [batch, x free, w contracting dims in ascending w order] -> x's axis order.
+  dx_dims = ((g_wfree, tuple(w_free)), (g_batch, tuple(wb)))
+  wc_sorted = sorted(wc)
+  dx_axes = list(xb) + x_free + [xc[list(wc).index(a)] for a in wc_sorted]
+  # dw: [batch, x contracting dims in ascending x order, w free] -> w's axis order.
+  dw_dims = ((tuple(x_free), g_xfree), (tuple(xb), g_batch))
+  xc_sorted = sorted(xc)
+  dw_axes = list(wb) + [wc[list(xc).index(a)] for a in xc_sorted] + w_free
+  return ((dx_dims, _argsort(dx_axes)), (dw_dims, _argsort(dw_axes)))
+
+
+def _argsort(axes):
+  return tuple(sorted(range(len(axes)), key=lambda i: axes[i]))
+
+
+def _canonical(dims):
+  (xc, wc), (xb, wb) = dims
+  return tuple(tuple(int(a) for a in axes) for axes in (xc, wc)), tuple(
+      tuple(int(a) for a in axes) for axes in (xb, wb))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bf16_dot(x, w, dims, out_dtype):
+  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _bf16_dot_fwd(x, w, dims, out_dtype):
+  return _bf16_dot(x, w, dims, out_dtype), (x, w)
+
+
+def _bf16_dot_bwd(dims, out_dtype, res, g):
+  del out_dtype
+  x, w = res
+  (dx_dims, dx_perm), (dw_dims, dw_perm) = _transpose_dims(dims, x.ndim, w.ndim)
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, w, dx_dims, preferred_element_type=jnp.float32)
+  dw = jax.lax.dot_general(x, g, dw_dims, preferred_element_type=jnp.float32)
+  return (jnp.transpose(dx, dx_perm).astype(x.dtype), jnp.transpose(dw, dw_perm).astype(w.dtype))
+
+
+_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
+
+
+def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                     out_dtype=None):
+  """`lax.dot_general` for bfloat16 operands that accumulates in float32 in the forward pass
+  *and* in both transposes of the backward pass (custom VJP; the cotangent is rounded to
+  bfloat16 first). XLA:CPU runs bf16 x bf16 -> f32 dots on its fast (AMX/oneDNN) path, while
+  bf16 x bf16 -> bf16 dots and the mixed f32 x bf16 dots of the automatic transpose take a slow
+  path (measured 5x slower at 2048^3; bench/README.md). The result is `out_dtype` (default the
+  operands' dtype, bfloat16). Other dtypes: plain `lax.dot_general`.
+  """
+  if not lhs.dtype == rhs.dtype == jnp.bfloat16:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                               preferred_element_type=preferred_element_type)
+  out_dtype = out_dtype or preferred_element_type or jnp.bfloat16
+  return _bf16_dot(lhs, rhs, _canonical(dimension_numbers), jnp.dtype(out_dtype))
+
+
+def dot_general_for(dtype) -> Callable | None:
+  """The `dot_general` of Dense/DenseGeneral layers computing in `dtype`: bf16_dot_general for
+  bfloat16, None (Flax's default `lax.dot_general`) otherwise."""
+  return bf16_dot_general if jnp.dtype(dtype) == jnp.bfloat16 else None
+
+
 def dot_product_attention(q, k, v, mask=None, bias=None):
   """Softmax attention over q [B, Lq, H, D] and k, v [B, Lk, H, D].
 
@@ -48,13 +128,20 @@ def dot_product_attention(q, k, v, mask=None, bias=None):
     [B, Lq, H, D]. Softmax is computed in float32 whatever the input dtype.
   """
   depth = q.shape[-1]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  bf16 = q.dtype == k.dtype == v.dtype == jnp.bfloat16
+  if bf16:  # f32 accumulation in both passes (see bf16_dot_general)
+    logits = bf16_dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), out_dtype=jnp.float32)
+  else:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, NEG_INF)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if bf16:
+    out = bf16_dot_general(weights, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, Lq, D]
+    return jnp.transpose(out, (0, 2, 1, 3))
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
@@ -68,6 +155,7 @@ class Attention(nn.Module):
   def _proj(self, name, x):
     return nn.DenseGeneral((self.num_heads, self.head_dim), axis=-1, use_bias=False,
                            dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                           dot_general=dot_general_for(self.dtype),
                            kernel_init=partitioned(KERNEL_INIT, "embed", "heads", "kv"))(x)
 
   @nn.compact
@@ -93,6 +181,7 @@ class Attention(nn.Module):
     out = dot_product_attention(q, k, v, mask=mask, bias=bias)
     out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="out",
+                          dot_general=dot_general_for(self.dtype),
                           kernel_init=partitioned(KERNEL_INIT, "heads", "kv", "embed"))(out)
     out = constrain(out, ("batch", "length", "act_embed"))
     return out if cache is None else (out, cache)
@@ -108,11 +197,13 @@ class Mlp(nn.Module):
   def __call__(self, x, deterministic: bool):
     width = x.shape[-1]
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="wi",
+                 dot_general=dot_general_for(self.dtype),
                  kernel_init=partitioned(KERNEL_INIT, "embed", "mlp"),
                  bias_init=partitioned(nn.initializers.zeros, "mlp"))(x)
     h = constrain(nn.gelu(h), ("batch", "length", "act_mlp"))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     out = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="wo",
+                   dot_general=dot_general_for(self.dtype),
                    kernel_init=partitioned(KERNEL_INIT, "mlp", "embed"),
                    bias_init=partitioned(nn.initializers.zeros, "embed"))(h)
     return constrain(out, ("batch", "length", "act_embed"))

@@ -5,12 +5,14 @@ One call processes one patch of P = patch_rows * patch_cols VQ tokens:
   input     [bos, t_0, ..., t_{P-1}]        (P + 1 positions; learned axial position
                                               embeddings inside the patch)
   logits    position j predicts t_j          (causal self-attention inside the patch)
-  memory    each layer also attends to K context entries (the patches within the extent,
-            one entry per relative offset), each the P cached hidden states that entered
-            this layer when that patch was processed, normalised and projected by this
-            layer's weights (never differentiated through), with a learned per-head bias
-            indexed by the offset (dt, dr, dc) added to their attention logits; invalid
-            entries are masked out
+  memory    each layer also attends to M context entries (patches within the extent), each
+            the P cached hidden states that entered this layer when that patch was
+            processed, normalised and projected by this layer's weights (never
+            differentiated through), with a learned per-head bias indexed by the entry's
+            relative offset (dt, dr, dc) added to their attention logits; invalid entries
+            are masked out. Entries come with their offset index (`memory_offset`, the
+            compact context of context_pool.Schedule.compact); without it entry k has
+            offset k (M = K, one entry per offset)
   text      a transformer text encoder; cross-attention in every block (with a learned
             always-present null token, so that dropping the caption is a valid condition)
   returns   logits [B, P, V] and this patch's hidden states [depth, B, P, D] (positions
@@ -82,6 +84,8 @@ class Model(nn.Module):
       cross-attention).
     scan_layers, remat ('none'|'full'|'dots'), dtype ('float32'|'bfloat16'; params f32).
     pool_slots: storage slots of the pool (used by trainers/samplers, not by the module).
+    max_context: context entries per step (trainers/samplers; 0: computed from the grids and
+      orders trained on, see trainers/nuwa_infinity.context_entries).
   """
   vocab: int
   patch_rows: int
@@ -99,6 +103,7 @@ class Model(nn.Module):
   remat: str = "none"
   dtype: str = "float32"
   pool_slots: int = 32
+  max_context: int = 0
 
   @property
   def patch_tokens(self) -> int:
@@ -152,15 +157,17 @@ class Model(nn.Module):
     return jnp.take(table, tokens, axis=0) + pos[:tokens.shape[1]]
 
   def __call__(self, tokens, memory, memory_valid, text=None, text_mask=None,
-               train: bool = False):
+               train: bool = False, memory_offset=None):
     """One patch, teacher-forced.
 
     Args:
       tokens: int [B, P] the patch's tokens (targets; the model sees them shifted by one).
-      memory: [depth, B, K, P, D] cached hidden states of the K context entries.
-      memory_valid: bool [B, K].
+      memory: [depth, B, M, P, D] cached hidden states of the M context entries.
+      memory_valid: bool [B, M].
       text, text_mask: int [B, text_len], bool [B, text_len] (only when text_len > 0).
       train: dropout on.
+      memory_offset: int [B, M] offset index (0..K-1, context_pool.offset_index) of each
+        entry, which picks its offset bias; None: M must be K and entry k has offset k.
     Returns:
       (logits float32 [B, P, vocab], hidden [depth, B, P, D] to cache).
     """
@@ -173,32 +180,38 @@ class Model(nn.Module):
                          self.embed_tokens(tokens)], axis=1).astype(dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
     x = self.embed_dropout(x, deterministic=not train)
-    logits, hidden = self._layers(x, memory, memory_valid, text, text_mask, train)
+    logits, hidden = self._layers(x, memory, memory_valid, text, text_mask, train,
+                                  memory_offset)
     return logits[:, :p], hidden[:, :, 1:]
 
-  def _layers(self, x, memory, memory_valid, text, text_mask, train):
+  def _layers(self, x, memory, memory_valid, text, text_mask, train, memory_offset=None):
     """Runs the stack on x [B, T, D] with the context memory; logits and layer inputs."""
     batch, length, _ = x.shape
-    k = self.num_context
-    depth, _, k_mem, p_mem, _ = memory.shape
-    if k_mem != k or depth != self.depth:
-      raise ValueError(f"memory has {depth} layers x {k_mem} entries, expected {self.depth} x "
-                       f"{k}.")
+    depth, _, k, p_mem, _ = memory.shape
+    if depth != self.depth or (memory_offset is None and k != self.num_context):
+      raise ValueError(f"memory has {depth} layers x {k} entries, expected {self.depth} x "
+                       f"{self.num_context} (or pass memory_offset).")
     memory = memory.reshape(depth, batch, k * p_mem, self.width)
     causal = jnp.tril(jnp.ones((length, length), bool))
-    mem_mask = jnp.repeat(memory_valid.astype(bool), p_mem, axis=1)  # [B, K*P]
+    mem_mask = jnp.repeat(memory_valid.astype(bool), p_mem, axis=1)  # [B, M*P]
     mask = jnp.concatenate([jnp.broadcast_to(mem_mask[:, None, :], (batch, length, k * p_mem)),
                             jnp.broadcast_to(causal, (batch, length, length))], axis=-1)
-    # [H, T, K*P + T]: offset bias of the entry + alignment bias of the token; 0 in-patch.
-    mem_bias = (self.offset_bias[:, None, :, None] +
-                self.align_bias[:, :length, None, :]).reshape(self.num_heads, length, k * p_mem)
-    bias = jnp.concatenate([mem_bias, jnp.zeros((self.num_heads, length, length))], axis=2)
+    # [B or 1, H, T, M*P + T]: offset bias of the entry + alignment bias of the token; 0
+    # in-patch.
+    if memory_offset is None:
+      offset_bias = self.offset_bias[None]  # [1, H, K]: entry k has offset k
+    else:
+      offset_bias = jnp.take(self.offset_bias, memory_offset, axis=1).transpose(1, 0, 2)
+    rows = offset_bias.shape[0]
+    mem_bias = (offset_bias[:, :, None, :, None] + self.align_bias[None, :, :length, None, :]
+                ).reshape(rows, self.num_heads, length, k * p_mem)
+    bias = jnp.concatenate([mem_bias, jnp.zeros((rows, self.num_heads, length, length))],
+                           axis=3)
     context = context_mask = None
     if self.text_len:
       context, cmask = self.encode_text(text, text_mask, deterministic=not train)
       context_mask = cmask[:, None, None, :]
-    x, inputs = self.decoder(x, mask[:, None], bias[None], context, context_mask,
-                             memory, not train)
+    x, inputs = self.decoder(x, mask[:, None], bias, context, context_mask, memory, not train)
     logits = self.head(self.ln_final(x))
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     return logits, inputs

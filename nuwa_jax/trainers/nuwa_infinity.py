@@ -8,13 +8,15 @@ context_pool.py). `config.mode = "full_chain"` instead takes one update for the 
 the whole chain (a scan over its patches), to compare.
 
 The per-patch step has the same shapes for every patch, order and canvas size (the context is
-K fixed entries, the pool has `model.pool_slots` slots), so it compiles once. Sections: config
+`context_entries(config)` entries, each a pool slot, an offset index and a validity flag; the
+pool has `model.pool_slots` slots), so it compiles once. Sections: config
 checks, input, model and steps, build, evaluation, loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -26,6 +28,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from nuwa_jax import context_pool
 from nuwa_jax.config_utils import (ConfigError, check_batch_layout, check_choice,
                                    check_positive)
 from nuwa_jax.data.pipeline import HostBatchIterator
@@ -42,10 +45,26 @@ from nuwa_jax.runtime.train_state import ShardedState, TrainState
 from nuwa_jax.trainers.baseline import image_token_loss
 
 POOL_AXES = ("layers", "batch", None, "length", "act_embed")
-STEP_FIELDS = {  # per-patch inputs: (dtype, shape after the batch axis)
-    "tokens": (np.int32, ("P",)), "context_slot": (np.int32, ("K",)),
-    "context_valid": (np.bool_, ("K",)), "write_slot": (np.int32, ()),
-    "text": (np.int32, ("L",)), "text_mask": (np.bool_, ("L",))}
+STEP_FIELDS = {  # per-patch inputs: (dtype, shape after the batch axis); M context entries
+    "tokens": (np.int32, ("P",)), "context_slot": (np.int32, ("M",)),
+    "context_offset": (np.int32, ("M",)), "context_valid": (np.bool_, ("M",)),
+    "write_slot": (np.int32, ()), "text": (np.int32, ("L",)), "text_mask": (np.bool_, ("L",))}
+
+
+@functools.lru_cache(maxsize=64)
+def _max_valid_context(grids, extent, order):
+  return context_pool.max_valid_context(grids, extent, order)
+
+
+def context_entries(config) -> int:
+  """M, the context entries of each per-patch step: `config.model.max_context`, or when it is
+  0 the most valid entries any order of the library (every raster, and rings when
+  config.order is 'random') produces on any of `config.grids` for the extent."""
+  m = config.model
+  if m.get("max_context", 0):
+    return int(m.max_context)
+  return _max_valid_context(tuple(tuple(int(x) for x in g) for g in config.grids),
+                            tuple(int(e) for e in m.extent), config.order)
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,7 +77,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   check_positive(config, "config", "total_steps", "batch_size", "log_every_steps")
   check_positive(m, "config.model", "vocab", "patch_rows", "patch_cols", "width", "depth",
                  "num_heads", "mlp_dim", "pool_slots")
-  check_positive(m, "config.model", "text_len", "dropout", allow_zero=True)
+  check_positive(m, "config.model", "text_len", "dropout", "max_context", allow_zero=True)
   check_positive(config.optimizer, "config.optimizer", "lr")
   check_choice("config.mode", config.mode, ("render_and_optimize", "full_chain"))
   check_choice("config.order", config.order, ("random",) + DIRECTIONS)
@@ -75,6 +94,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     raise ConfigError(f"config.cond_dropout={config.cond_dropout}: expected [0, 1].")
   if not config.grids or any(len(g) != 3 or min(g) < 1 for g in config.grids):
     raise ConfigError(f"config.grids={config.grids}: expected (frames, rows, cols) patches.")
+  k = context_pool.num_offsets(m.extent)
+  if m.max_context > k:
+    raise ConfigError(f"config.model.max_context={m.max_context} exceeds the {k} offsets of "
+                      f"extent {tuple(m.extent)}.")
   check_batch_layout(config, num_devices, num_processes)
 
 
@@ -142,7 +165,8 @@ def next_chain(config, batches: HostBatchIterator, order: str) -> ChainBatch:
           else grid_for_chain(config, chain))
   m = config.model
   out = ChainBatch(examples, grid, (m.patch_rows, m.patch_cols), tuple(m.extent), m.pool_slots,
-                   chain_rngs(config.seed, positions), order)
+                   chain_rngs(config.seed, positions), order,
+                   max_context=context_entries(config))
   if "kind" in local:
     out.kind = int(local["kind"][0])
   return out
@@ -168,7 +192,7 @@ class Layout:
 
 
 def _field_shape(dims, m, num_context):
-  return tuple({"P": m.patch_rows * m.patch_cols, "K": num_context, "L": m.text_len}[d]
+  return tuple({"P": m.patch_rows * m.patch_cols, "M": num_context, "L": m.text_len}[d]
                for d in dims)
 
 
@@ -180,7 +204,7 @@ def make_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
   batch_sharding = shd.logical_sharding(("batch",), mesh, rules)
   abstract = {}
   for name, (dtype, dims) in STEP_FIELDS.items():
-    shape = (b,) + _field_shape(dims, m, model.num_context)
+    shape = (b,) + _field_shape(dims, m, context_entries(config))
     spec = tuple(batch_sharding.spec) + (None,) * (len(shape) - 1)
     abstract[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(*spec)))
@@ -191,9 +215,9 @@ def make_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
 
   def init_params(rng):
     dummy = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in abstract.items()}
-    memory = jnp.zeros((m.depth, 1, model.num_context) + pool_shape[3:], pool.dtype)
+    memory = jnp.zeros((m.depth, 1, context_entries(config)) + pool_shape[3:], pool.dtype)
     return model.init(rng, dummy["tokens"], memory, dummy["context_valid"], dummy["text"],
-                      dummy["text_mask"])["params"]
+                      dummy["text_mask"], memory_offset=dummy["context_offset"])["params"]
 
   sharded = ShardedState(init_params, tx, mesh, rules)
   sharded.check(config.sharding.max_replicated_size)
@@ -201,18 +225,29 @@ def make_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
 
 
 def gather_memory(pool, context_slot):
-  """pool [L, B, S, P, D], slots [B, K] → memory [L, B, K, P, D]."""
+  """pool [L, B, S, P, D], slots [B, M] → memory [L, B, M, P, D]."""
   return jnp.take_along_axis(pool, context_slot[None, :, :, None, None], axis=2)
 
 
 def write_pool(pool, write_slot, hidden):
-  """Stores hidden [L, B, P, D] at each example's slot."""
+  """Stores hidden [L, B, P, D] at each example's slot.
+
+  A bfloat16 pool is scattered as uint16 bits: XLA:CPU has no bf16 scatter and would convert
+  the whole pool to float32 and back around it (measured ~0.5 s a step at the issue's size)."""
   batch = jnp.arange(pool.shape[1])
-  return pool.at[:, batch, write_slot].set(hidden.astype(pool.dtype))
+  hidden = hidden.astype(pool.dtype)
+  if pool.dtype == jnp.bfloat16:
+    bits = jax.lax.bitcast_convert_type
+    return bits(bits(pool, jnp.uint16).at[:, batch, write_slot].set(bits(hidden, jnp.uint16)),
+                jnp.bfloat16)
+  return pool.at[:, batch, write_slot].set(hidden)
 
 
 def patch_forward(model, params, pool, batch, rng, cond_dropout: float, train: bool):
-  """Logits and hidden states of one patch with its context gathered from the pool."""
+  """Logits and hidden states of one patch with its context gathered from the pool.
+
+  batch: tokens, context_slot, context_valid, write_slot, text, text_mask and optionally
+  context_offset (each entry's offset index; without it entry k has offset k)."""
   text_mask = batch["text_mask"]
   if train and cond_dropout and model.text_len:
     keep = jax.random.uniform(jax.random.fold_in(rng, 1), (text_mask.shape[0], 1)) >= cond_dropout
@@ -220,6 +255,7 @@ def patch_forward(model, params, pool, batch, rng, cond_dropout: float, train: b
   memory = gather_memory(pool, batch["context_slot"])
   return model.apply({"params": params}, batch["tokens"], memory, batch["context_valid"],
                      batch["text"], text_mask, train=train,
+                     memory_offset=batch.get("context_offset"),
                      rngs={"dropout": jax.random.fold_in(rng, 2)})
 
 
@@ -442,8 +478,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if config.mode == "full_chain":
         if chain.num_steps not in chain_steps:
           chain_steps[chain.num_steps] = compile_chain_step(config, built, chain.num_steps)
-        per_step = {k: getattr(chain, k) for k in ("tokens", "context_slot", "context_valid",
-                                                   "write_slot")}
+        per_step = {k: getattr(chain, k) for k in STEP_FIELDS if k not in ("text", "text_mask")}
         inputs = dict(to_global(built, per_step, leading=1),
                       **to_global(built, {"text": chain.text, "text_mask": chain.text_mask}))
         state, pool, m = chain_steps[chain.num_steps](state, pool, inputs)
