@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -388,5 +389,13 @@ def last_layer_path() -> tuple[str, ...]:
   return ("decoder", "conv_out", "kernel")
 
 
-__all__ = ["VQGAN", "Encoder", "Decoder", "Norm", "fold_frames", "LOGICAL_RULES", "STATS",
-           "last_layer_path"]
+__all__ = [
+  "LOGICAL_RULES",
+  "STATS",
+  "VQGAN",
+  "Decoder",
+  "Encoder",
+  "Norm",
+  "fold_frames",
+  "last_layer_path",
+]
