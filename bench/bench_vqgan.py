@@ -8,6 +8,7 @@ VQModel at random init): ch 128, ch_mult 1,1,2,2,4, 2 res blocks, attention at 1
   python bench/bench_vqgan.py                          # float32 and bfloat16
   python bench/bench_vqgan.py --dtype float32 --ch 64
   python bench/bench_vqgan.py --seams                  # seam error of tiled decoding instead
+  python bench/bench_vqgan.py --train-step --repeats 8 # tiny train-step variants side by side
 
 With --seams it decodes a random token grid whole and in overlapping tiles (the real config
 with attention and GroupNorm, and the same decoder without attention and with per-pixel norms)
@@ -163,6 +164,67 @@ def seams(a):
                       "mean_abs_output": float(np.mean(np.abs(whole))), **err}), flush=True)
 
 
+TRAIN_VARIANTS = {
+    # name: (config variant, overrides) -- the side-by-side of the tiny config's choice.
+    "ch32": ("size=tiny", {"model.ch": 32, "model.ch_mult": (1, 2, 2, 4)}),
+    "ch32_gan": ("size=tiny,gan=1", {"model.ch": 32, "model.ch_mult": (1, 2, 2, 4),
+                                     "loss.disc_start": 0}),
+    "tiny": ("size=tiny", {}),
+    "tiny_gan": ("size=tiny,gan=1", {"loss.disc_start": 0}),
+    "tiny_bf16": ("size=tiny", {"model.dtype": "bfloat16"}),
+    "tiny_pixelnorm": ("size=tiny", {"model.norm": "pixel"}),
+}
+
+
+def train_steps(a):
+  """Train-step time of tiny VQGAN variants, interleaved round by round in one process so
+  that other jobs on the machine slow every variant alike; one JSON line per variant."""
+  from configs import vqgan as vqgan_config  # pylint: disable=import-outside-toplevel
+  from nuwa_jax.runtime import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from nuwa_jax.trainers import vqgan as trainer  # pylint: disable=import-outside-toplevel
+  runs = []
+  for name in a.train_variants.split(","):
+    variant, over = TRAIN_VARIANTS[name]
+    config = vqgan_config.get_config(variant)
+    for path, value in over.items():
+      *parents, leaf = path.split(".")
+      node = config
+      for key in parents:
+        node = node[key]
+      node[leaf] = value
+    mesh = mesh_lib.create_mesh(config.mesh)
+    t0 = time.perf_counter()
+    built = trainer.build(config, mesh)
+    compile_s = time.perf_counter() - t0
+    state = built.sharded.init(jax.random.key(0))
+    images = np.random.default_rng(0).uniform(
+        -1, 1, (config.batch_size, config.crop_size, config.crop_size, 3)).astype(np.float32)
+    batch = {"image": jax.device_put(images, built.layout.abstract_batch["image"].sharding)}
+    for _ in range(2):
+      state, m = built.train_step(state, batch)
+    jax.block_until_ready(m)
+    cost = built.train_step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    runs.append({"name": name, "built": built, "state": state, "batch": batch, "times": [],
+                 "compile_s": compile_s, "gflop": float(cost["flops"]) / 1e9,
+                 "gan": trainer.uses_gan(config)})
+  load0 = os.getloadavg()
+  for _ in range(a.repeats):
+    for r in runs:
+      t0 = time.perf_counter()
+      r["state"], m = r["built"].train_step(r["state"], r["batch"])
+      jax.block_until_ready(m)
+      r["times"].append(time.perf_counter() - t0)
+  for r in runs:
+    s = stats(r["times"])
+    print(json.dumps({"bench": "nuwa_jax_vqgan_train_step", "variant": r["name"],
+                      "gan": r["gan"], "step_ms": {k: v * 1e3 if k != "n" else v
+                                                   for k, v in s.items()},
+                      "steps_per_s": 1.0 / s["median"], "gflop_per_step": r["gflop"],
+                      "compile_s": r["compile_s"], "loadavg_start": load0,
+                      "loadavg_end": os.getloadavg()}), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +241,10 @@ def main():
   p.add_argument("--n-embed", type=int, default=1024)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seams", action="store_true", help="measure tiled-decoding seams instead")
+  p.add_argument("--train-step", action="store_true",
+                 help="time the train step of tiny config variants instead")
+  p.add_argument("--train-variants", default="ch32,tiny,tiny_gan",
+                 help=f"comma-separated, of {','.join(TRAIN_VARIANTS)}")
   p.add_argument("--seam-grid", default="32x48", help="token grid rows x cols")
   p.add_argument("--seam-tile", default="16x16")
   p.add_argument("--seam-overlap", default="4x4")
@@ -187,6 +253,9 @@ def main():
   a = p.parse_args()
   if a.seams:
     seams(a)
+    return
+  if a.train_step:
+    train_steps(a)
     return
   for dtype in (("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)):
     bench(a, dtype)

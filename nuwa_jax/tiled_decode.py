@@ -27,11 +27,12 @@ repeating a tile), so the decoder is compiled once per call of `decode_tiled`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
 import zlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +52,12 @@ def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
 
 def kept_ranges(n: int, tile: int, starts: Sequence[int]) -> list[tuple[int, int]]:
   """[lo, hi) of the canvas kept from each tile: cut in the middle of each overlap."""
-  cuts = [0] + [(b + a + tile) // 2 for a, b in zip(starts[:-1], starts[1:])] + [n]
-  return list(zip(cuts[:-1], cuts[1:]))
+  cuts = [0] + [(b + a + tile) // 2 for a, b in itertools.pairwise(starts)] + [n]
+  return list(itertools.pairwise(cuts))
 
 
-def _check(indices, tile, overlap, factor):
-  if getattr(indices, "ndim", None) != 2:
-    raise ValueError(f"decode_tiled: indices must be a 2-D token grid [Hq, Wq], got shape "
-                     f"{getattr(indices, 'shape', None)}.")
+def check_tiling(tile, overlap, factor) -> None:
+  """Raises ValueError (message starting 'decode_tiled: ') for an unusable tile plan."""
   for name, pair in (("tile", tile), ("overlap", overlap)):
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
       raise ValueError(f"decode_tiled: {name} must be two integers (rows, cols), got {pair!r}.")
@@ -72,6 +71,13 @@ def _check(indices, tile, overlap, factor):
                        f"overlap {o} (need tile - 2*overlap >= 1).")
   if not isinstance(factor, (int, np.integer)) or factor < 1:
     raise ValueError(f"decode_tiled: factor={factor!r} must be a positive integer.")
+
+
+def _check(indices, tile, overlap, factor):
+  if getattr(indices, "ndim", None) != 2:
+    raise ValueError(f"decode_tiled: indices must be a 2-D token grid [Hq, Wq], got shape "
+                     f"{getattr(indices, 'shape', None)}.")
+  check_tiling(tile, overlap, factor)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -175,10 +181,10 @@ def seam_error(tiled: np.ndarray, whole: np.ndarray, grid: Sequence[int],
       sl[axis] = slice(max(lo * factor - band, 0), lo * factor + band)
       border[tuple(sl)] = True
   interior = diff[~border]
-  return dict(mean_abs=float(diff.mean()), max_abs=float(diff.max()),
-              mean_abs_interior=float(interior.mean()) if interior.size else 0.0,
-              mean_abs_border=float(diff[border].mean()) if border.any() else 0.0,
-              border_share=float(border.mean()))
+  return {"mean_abs": float(diff.mean()), "max_abs": float(diff.max()),
+          "mean_abs_interior": float(interior.mean()) if interior.size else 0.0,
+          "mean_abs_border": float(diff[border].mean()) if border.any() else 0.0,
+          "border_share": float(border.mean())}
 
 
 class NpyColumnSink:

@@ -2,6 +2,7 @@
 
 import functools
 import pickle
+import re
 
 import flax.linen as nn
 import jax
@@ -19,8 +20,8 @@ from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime import sharding as shd
 from nuwa_jax.tools import convert_lpips
 
-TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
-            z_channels=16, embed_dim=8, num_codes=32)
+TINY = {"ch": 16, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
+        "resolution": 16, "z_channels": 16, "embed_dim": 8, "num_codes": 32}
 
 
 def images(n=4, size=16, seed=0):
@@ -158,7 +159,7 @@ def test_ema_moves_used_codes_to_the_batch_mean_and_keeps_the_others():
   stats = {"codebook": book, "cluster_size": jnp.ones(4), "embed_sum": book,
            "usage": jnp.zeros(4)}
   z = jnp.array([[2.0, 0.5], [1.5, -0.5], [0.2, 2.0]])  # codes 0, 0, 1
-  (z_q, idx, loss, _), new = jax.jit(functools.partial(q.apply, train=True, mutable=[STATS]))(
+  (_, idx, loss, _), new = jax.jit(functools.partial(q.apply, train=True, mutable=[STATS]))(
       {STATS: stats}, z)
   np.testing.assert_array_equal(idx, [0, 0, 1])
   np.testing.assert_allclose(loss, 0.25 * np.mean((z - book[idx]) ** 2), rtol=1e-6)
@@ -364,3 +365,163 @@ def test_sharded_apply_matches_single_device(tiny):
   assert recon.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_allclose(recon, want, atol=2e-5)
   np.testing.assert_array_equal(aux["indices"], want_aux["indices"])
+
+
+# ----------------------------------------------------------------------------------------
+# Commands: python -m nuwa_jax.tools.vqgan encode|decode
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  """A tiny random-init tokenizer saved like a trained one (config.json + checkpoint).
+
+  Local decoder (per-pixel norms, no attention): tiled decoding must equal whole decoding.
+  """
+  import os
+
+  from configs import vqgan as vqgan_config
+  from nuwa_jax.config_utils import write_config
+  from nuwa_jax.runtime.checkpoint import Checkpointer
+  from nuwa_jax.trainers import vqgan as trainer
+  workdir = str(tmp_path_factory.mktemp("tokenizer"))
+  config = vqgan_config.get_config("size=tiny")
+  config.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=0, z_channels=8, embed_dim=8,
+                      num_codes=32, norm="pixel", mid_attention=False)
+  config.disc.ndf = 8
+  config.crop_size = 16
+  mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
+  layout = trainer.make_layout(config, mesh)
+  state = layout.sharded.init(key(0))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
+  ckpt.maybe_save(1, state, {"batches": 1}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  write_config(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+  from nuwa_jax.tools import vqgan as tool
+  return tool.Tokenizer(tokenizer_dir)
+
+
+def run_command(argv):
+  """The command line in-process with fresh flag values: (0, output path) or (2, error)."""
+  from absl import flags
+
+  from nuwa_jax.tools import vqgan as tool
+  flags.FLAGS.unparse_flags()
+  try:
+    return 0, tool.run(flags.FLAGS(["vqgan"] + list(argv)))
+  except tool.CommandError as e:
+    return 2, str(e)
+
+
+def test_encode_decode_commands_images_video_and_tiles(tokenizer_dir, tokenizer, tmp_path):
+  import os
+
+  import av
+  from PIL import Image
+
+  from nuwa_jax.config_utils import load_json
+  from nuwa_jax.data import pretokenize
+  from nuwa_jax.tools import vqgan as tool
+  from nuwa_jax.trainers import vqgan as trainer
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, (48, 60, 3), np.uint8).repeat(2, 0).repeat(2, 1)  # 96 x 120
+  Image.fromarray(photo).save(tmp_path / "photo.png")
+  (tmp_path / "folder").mkdir()
+  for i in range(2):
+    Image.fromarray(photo[:, i:i + 32]).save(tmp_path / "folder" / f"{i}.png")
+  video = tmp_path / "clip.mp4"
+  with av.open(str(video), "w") as out:
+    stream = out.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+    for t in range(5):
+      frame = np.roll(photo[:24, :32], 2 * t, axis=1)
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  p = lambda name: str(tmp_path / name)
+
+  # The command line: encode an image -> [h, w] int32 (f = 2), same as pre-tokenisation.
+  status, path = run_command(["encode", f"--workdir={tokenizer_dir}", f"--input={p('photo.png')}",
+                              f"--out={p('photo.npy')}"])
+  assert status == 0 and path == p("photo.npy")
+  grid = np.load(p("photo.npy"))
+  assert grid.shape == (48, 60) and grid.dtype == np.int32
+  config = load_json(os.path.join(tokenizer_dir, "config.json"))
+  encoder = pretokenize.Encoder(*trainer.load(config, tokenizer_dir))
+  np.testing.assert_array_equal(grid, encoder(photo[None])[0])
+
+  # Video -> [T, h, w] with its fps; a folder -> one grid per image.
+  tool.encode(tokenizer, str(video), p("clip.npz"), short_side=16, max_frames=4)
+  with np.load(p("clip.npz")) as f:
+    assert f["tokens_0"].shape == (4, 8, 10) and list(f["names"]) == ["clip.mp4"]
+    assert float(f["fps"][0]) == pytest.approx(10.0) and int(f["factor"]) == 2
+  tool.encode(tokenizer, p("folder"), p("folder.npz"))
+  with np.load(p("folder.npz")) as f:
+    assert sorted(f.files) == ["factor", "fps", "names", "num_codes", "tokens_0", "tokens_1"]
+    assert f["tokens_1"].shape == (48, 16)
+
+  # PNG whole and tiled: equal (local decoder, overlap >= its receptive radius of 9 tokens).
+  tool.decode(tokenizer, p("photo.npy"), p("whole.png"))
+  status, path = run_command(["decode", f"--workdir={tokenizer_dir}", f"--input={p('photo.npy')}",
+                              f"--out={p('tiled.png')}", "--tile=24,24", "--overlap=9,9"])
+  assert status == 0, path
+  whole = np.asarray(Image.open(p("whole.png")))
+  assert whole.shape == (96, 120, 3)
+  np.testing.assert_array_equal(np.asarray(Image.open(p("tiled.png"))), whole)
+  tool.decode(tokenizer, p("photo.npy"), p("tiled.npy"), tile=(20, 20), overlap=(9, 9))
+  np.testing.assert_array_equal(np.load(p("tiled.npy")), whole)
+  assert not list(tmp_path.glob("*.tmp*"))  # temp files renamed or removed
+
+  # A video grid to GIF and MP4: frame count and size kept.
+  tool.decode(tokenizer, p("clip.npz"), p("clip.gif"))
+  with Image.open(p("clip.gif")) as gif:
+    assert gif.n_frames == 4 and gif.size == (20, 16)
+  tool.decode(tokenizer, p("clip.npz"), p("clip.mp4"), fps=5.0)
+  with av.open(p("clip.mp4")) as f:
+    frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+  assert len(frames) == 4 and frames[0].shape == (16, 20, 3)
+
+
+def test_command_errors_name_the_flag_or_file(tokenizer_dir, tokenizer, tmp_path):
+  from nuwa_jax.data.media import MediaError
+  from nuwa_jax.tools import vqgan as tool
+  np.save(tmp_path / "grid.npy", np.full((4, 6), 5, np.int32))
+  np.save(tmp_path / "big.npy", np.full((4, 6), 99, np.int32))
+  np.savez(tmp_path / "two.npz", tokens_0=np.zeros((2, 2), np.int32),
+           tokens_1=np.zeros((2, 2), np.int32))
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  p = lambda name: str(tmp_path / name)
+  wd = f"--workdir={tokenizer_dir}"
+  # Flags, checked before the tokenizer is loaded.
+  for argv, pattern in [
+      (["encode", f"--workdir={p('nowhere')}", f"--input={p('grid.npy')}",
+        f"--out={p('x.npy')}"], "--workdir=.*nowhere.*no config.json"),
+      (["encode", wd, f"--input={p('grid.npy')}", f"--out={p('x.txt')}"],
+       "--out=.*x.txt.*expected one of .npy, .npz"),
+      (["decode", wd, f"--input={p('grid.npy')}", f"--out={p('x.png')}", "--tile=a"],
+       "--tile='a': expected 'rows,cols'"),
+      (["decode", wd, f"--out={p('x.png')}"], "--input is required"),
+      (["transcode", wd, f"--input={p('grid.npy')}", f"--out={p('x.png')}"],
+       "expected one command, encode or decode")]:
+    status, message = run_command(argv)
+    assert status == 2 and re.search(pattern, message), (argv, message)
+  # Files and grids.
+  for fn, args, pattern in [
+      (tool.encode, (p("missing.png"), p("x.npy")), "--input=.*missing.png.*no such file"),
+      (tool.encode, (p("grid.npy"), p("x.npy")), "--input=.*grid.npy.*unsupported file type"),
+      (tool.encode, (p("broken.png"), p("x.npy")), "broken.png: not a readable image"),
+      (tool.decode, (p("grid.npy"), p("x.png"), -1, (4, 4), (2, 2)),
+       "--tile=4,4 --overlap=2,2: along rows"),
+      (tool.decode, (p("big.npy"), p("x.png")),
+       r"big.npy.*tokens range over \[99, 99\] but the tokenizer has 32 codes"),
+      (tool.decode, (p("two.npz"), p("x.png")), "two.npz.*holds 2 token grids.*--item"),
+      (tool.decode, (p("grid.npy"), p("x.mp4")), r"x.mp4.*a single \[h, w\] grid decodes to")]:
+    with pytest.raises((tool.CommandError, MediaError), match=pattern):
+      fn(tokenizer, *args)
+  assert not list(tmp_path.glob("x*"))  # nothing half-written

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -124,13 +125,14 @@ class Norm(nn.Module):
 class ResnetBlock(nn.Module):
   out_ch: int
   norm: str = "group"
+  groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h = nn.swish(Norm(self.norm, dtype=self.dtype, name="norm1")(x))
+    h = nn.swish(Norm(self.norm, self.groups, dtype=self.dtype, name="norm1")(x))
     h = conv(self.out_ch, dtype=self.dtype, name="conv1")(h)
-    h = nn.swish(Norm(self.norm, dtype=self.dtype, name="norm2")(h))
+    h = nn.swish(Norm(self.norm, self.groups, dtype=self.dtype, name="norm2")(h))
     h = conv(self.out_ch, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_ch:
       x = conv(self.out_ch, kernel=1, dtype=self.dtype, name="nin_shortcut")(x)
@@ -140,12 +142,13 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
   """Single-head self-attention over all H*W positions (1x1 q/k/v/proj convs)."""
   norm: str = "group"
+  groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    h = Norm(self.norm, dtype=self.dtype, name="norm")(x)
+    h = Norm(self.norm, self.groups, dtype=self.dtype, name="norm")(x)
     q, k, v = (conv(c, kernel=1, dtype=self.dtype, name=n)(h).reshape(b, hgt * wid, c)
                for n in ("q", "k", "v"))
     logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
@@ -210,12 +213,13 @@ class Encoder(nn.Module):
   resolution: int = 256
   z_channels: int = 256
   norm: str = "group"
+  norm_groups: int = 32
   mid_attention: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(norm=self.norm, dtype=self.dtype)
+    kw = {"norm": self.norm, "groups": self.norm_groups, "dtype": self.dtype}
     h = conv(self.ch, dtype=self.dtype, name="conv_in")(constrain(x, ACT))
     res = self.resolution
     for i, mult in enumerate(self.ch_mult):
@@ -233,7 +237,7 @@ class Encoder(nn.Module):
     if self.mid_attention:
       h = AttnBlock(name="mid_attn_1", **kw)(h)
     h = ResnetBlock(h.shape[-1], name="mid_block_2", **kw)(h)
-    h = nn.swish(Norm(self.norm, dtype=self.dtype, name="norm_out")(h))
+    h = nn.swish(Norm(self.norm, self.norm_groups, dtype=self.dtype, name="norm_out")(h))
     return constrain(conv(self.z_channels, dtype=self.dtype, name="conv_out")(h), ACT)
 
 
@@ -246,12 +250,13 @@ class Decoder(nn.Module):
   resolution: int = 256
   out_channels: int = 3
   norm: str = "group"
+  norm_groups: int = 32
   mid_attention: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z):
-    kw = dict(norm=self.norm, dtype=self.dtype)
+    kw = {"norm": self.norm, "groups": self.norm_groups, "dtype": self.dtype}
     levels = len(self.ch_mult)
     res = self.resolution // 2 ** (levels - 1)
     h = conv(self.ch * self.ch_mult[-1], dtype=self.dtype, name="conv_in")(constrain(z, ACT))
@@ -268,7 +273,7 @@ class Decoder(nn.Module):
         h = Upsample(h.shape[-1], dtype=self.dtype, name=f"up_{i}_upsample")(h)
         res *= 2
       h = constrain(h, ACT)
-    h = nn.swish(Norm(self.norm, dtype=self.dtype, name="norm_out")(h))
+    h = nn.swish(Norm(self.norm, self.norm_groups, dtype=self.dtype, name="norm_out")(h))
     # The last layer: its kernel is what the GAN's adaptive weight differentiates against.
     h = conv(self.out_channels, dtype=self.dtype, out_axis=None, name="conv_out")(h)
     return constrain(h.astype(jnp.float32), ACT)
@@ -291,6 +296,10 @@ class VQGAN(nn.Module):
     num_codes: codebook size. beta: commitment weight. l2_codes, ema, ema_decay, ema_eps,
       restart_threshold: see `nuwa_jax.models.quantizer`.
     norm: 'group' (taming) | 'pixel' (per-pixel LayerNorm over channels) | 'none'.
+    norm_groups: groups of the 'group' norm (taming: 32; capped at the width). With as many
+      groups as channels GroupNorm becomes InstanceNorm, which removes each channel's mean
+      over the image: narrow models (ch <= 32) then lose the absolute colour of flat regions
+      (greyish reconstructions), so narrow configs use fewer groups or 'pixel'.
     mid_attention: attention in the middle blocks.
     dtype: compute dtype 'float32' | 'bfloat16'; parameters and the quantizer are float32.
   """
@@ -310,6 +319,7 @@ class VQGAN(nn.Module):
   ema_eps: float = 1e-5
   restart_threshold: float = 0.0
   norm: str = "group"
+  norm_groups: int = 32
   mid_attention: bool = True
   dtype: str = "float32"
 
@@ -323,7 +333,8 @@ class VQGAN(nn.Module):
     dtype = compute_dtype(self.dtype)
     shared = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  norm=self.norm, mid_attention=self.mid_attention, dtype=dtype)
+                  norm=self.norm, norm_groups=self.norm_groups,
+                  mid_attention=self.mid_attention, dtype=dtype)
     self.encoder = Encoder(z_channels=self.z_channels, **shared)
     self.decoder = Decoder(out_channels=self.in_channels, **shared)
     self.quant_conv = conv(self.embed_dim, kernel=1, dtype=dtype)
@@ -378,5 +389,13 @@ def last_layer_path() -> tuple[str, ...]:
   return ("decoder", "conv_out", "kernel")
 
 
-__all__ = ["VQGAN", "Encoder", "Decoder", "Norm", "fold_frames", "LOGICAL_RULES", "STATS",
-           "last_layer_path"]
+__all__ = [
+  "LOGICAL_RULES",
+  "STATS",
+  "VQGAN",
+  "Decoder",
+  "Encoder",
+  "Norm",
+  "fold_frames",
+  "last_layer_path",
+]

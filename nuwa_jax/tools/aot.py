@@ -42,6 +42,10 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Only compiles for a described topology: another process on this host holding libtpu's lock
+# (any JAX program that probed the TPU backend) must not stop it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 from nuwa_jax.config_utils import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,8 +26,12 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from nuwa_jax.config_utils import (ConfigError, check_batch_layout, check_choice,
-                                   check_positive)
+from nuwa_jax.config_utils import (
+  ConfigError,
+  check_batch_layout,
+  check_choice,
+  check_positive,
+)
 from nuwa_jax.data import datasets, transforms
 from nuwa_jax.data.pipeline import HostBatchIterator, abstract_batch
 from nuwa_jax.losses import gan
@@ -40,7 +46,6 @@ from nuwa_jax.runtime.metrics import AsyncMetrics, MetricWriter
 from nuwa_jax.runtime.optimizer import make_schedule
 from nuwa_jax.runtime.preemption import PreemptionWatcher
 from nuwa_jax.runtime.train_state import ShardedState, TrainState, compile_step
-
 
 # ----------------------------------------------------------------------------------------
 # Config checks
@@ -62,6 +67,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     if name not in datasets.BUILDERS:
       raise ConfigError(f"config.data.datasets: unknown dataset {name!r}; known: "
                         f"{sorted(datasets.BUILDERS)}.")
+  parse_weights(config)
   if config.loss.perceptual_weights and not os.path.isfile(config.loss.perceptual_weights):
     raise ConfigError(f"config.loss.perceptual_weights={config.loss.perceptual_weights!r}: no "
                       "such file (convert published weights with nuwa_jax.tools.convert_lpips).")
@@ -99,15 +105,59 @@ def dataset_builders(config) -> list:
   return out
 
 
+def dataset_names(config) -> list[str]:
+  """Short names of `config.data.datasets` ('sample_media', 'synthetic_scenes', ...)."""
+  return [spec.split(":")[0] for spec in config.data.datasets.split(",")]
+
+
+def parse_weights(config) -> list[float] | None:
+  """`config.data.weights` ('' or one positive number per dataset) as floats, or None."""
+  text = str(config.data.get("weights", "") or "").strip()
+  if not text:
+    return None
+  try:
+    weights = [float(w) for w in text.split(",")]
+  except ValueError:
+    raise ConfigError(f"config.data.weights={text!r}: expected comma-separated numbers, one "
+                      "per dataset.") from None
+  n = len(config.data.datasets.split(","))
+  if len(weights) != n or min(weights) <= 0:
+    raise ConfigError(f"config.data.weights={text!r}: expected {n} positive numbers (one per "
+                      f"dataset of config.data.datasets={config.data.datasets!r}).")
+  return weights
+
+
+def repeats(sizes: list[int], crops_per_image: int, weights: list[float] | None) -> list[int]:
+  """Times each dataset's images are repeated in the training stream.
+
+  Without weights every image gives `crops_per_image` crops (datasets count by their size).
+  With weights, dataset i gets a share weights[i] / sum(weights) of the stream: the largest
+  (in crops per unit of weight) keeps `crops_per_image` per image and the others are repeated
+  more, so 10 photos can stand beside 2000 synthetic scenes.
+  """
+  if weights is None:
+    return [crops_per_image] * len(sizes)
+  per_weight = max(n * crops_per_image / w for n, w in zip(sizes, weights) if n)
+  return [max(1, round(per_weight * w / n)) if n else 1 for n, w in zip(sizes, weights)]
+
+
 def make_sources(config):
-  """Train source (each image repeated `crops_per_image` times) and held-out source."""
+  """Train source (each image repeated, see `repeats`) and held-out source (the datasets'
+  test splits one after another)."""
+  train, test = make_split_sources(config)
+  return train, ConcatSource([t for t in test.values()])
+
+
+def make_split_sources(config):
+  """(train source, {dataset name: test source}) of `config.data.datasets`."""
   builders = dataset_builders(config)
   datasets.ensure_built(builders)
-  train = ConcatSource([transforms.RepeatedSource(datasets.data_source(b, "train"),
-                                                  config.data.crops_per_image)
-                        for b in builders])
-  test = ConcatSource([datasets.data_source(b, "test") for b in builders
-                       if "test" in b.info.splits])
+  sources = [datasets.data_source(b, "train") for b in builders]
+  times = repeats([len(s) for s in sources], config.data.crops_per_image, parse_weights(config))
+  train = ConcatSource([transforms.RepeatedSource(s, t) for s, t in zip(sources, times)])
+  test = {name: datasets.data_source(b, "test") for name, b in zip(dataset_names(config),
+                                                                   builders)
+          if "test" in b.info.splits}
   return train, test
 
 
@@ -119,6 +169,23 @@ def crops(config, seed_offset: int = 0) -> transforms.ImageCrops:
 # ----------------------------------------------------------------------------------------
 # Model and steps
 # ----------------------------------------------------------------------------------------
+
+class QuickInitState(ShardedState):
+  """ShardedState whose `init` is compiled at XLA:CPU/GPU optimisation level 0.
+
+  The init function runs once; at the default level XLA:CPU spends ~3x longer compiling the
+  threefry initializers than at level 0 (about 39 s vs 14 s for the tiny config with other
+  jobs on the machine), which matters for a tokenizer trained in a few minutes.
+  """
+
+  def init(self, rng: jax.Array) -> TrainState:
+    with shd.activation_sharding(self.mesh, self.rules):
+      fn = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.shardings)
+      lowered = fn.lower(rng)
+      options = ({"xla_backend_optimization_level": 0}
+                 if jax.default_backend() in ("cpu", "gpu") else None)
+      return lowered.compile(compiler_options=options)(rng)
+
 
 @dataclasses.dataclass
 class Layout:
@@ -142,7 +209,7 @@ def make_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
   batch_spec = abstract_batch(example, config.batch_size,
                               shd.logical_sharding(("batch",), mesh, config.sharding.rules))
   schedule = make_schedule(config.optimizer, config.total_steps)
-  opt = lambda: optax.chain(  # noqa: E731
+  opt = lambda: optax.chain(
       optax.clip_by_global_norm(config.optimizer.grad_clip),
       optax.adam(schedule, b1=config.optimizer.b1, b2=config.optimizer.b2))
   tx = optax.multi_transform({"gen": opt(), "disc": opt()}, {"gen": "gen", "disc": "disc"})
@@ -156,64 +223,89 @@ def make_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
   def init_extra(rng):
     return model.init(jax.random.split(rng)[0], dummy).get(STATS, {})
 
-  sharded = ShardedState(init_params, tx, mesh, config.sharding.rules, init_extra)
+  sharded = QuickInitState(init_params, tx, mesh, config.sharding.rules, init_extra)
   sharded.check(config.sharding.max_replicated_size)
   f = model.factor
   return Layout(model, disc, tx, schedule, sharded, batch_spec,
                 config.batch_size * (size // f) ** 2)
 
 
+def uses_gan(config: ml_collections.ConfigDict) -> bool:
+  """Whether the GAN term can ever be on in this run (disc_weight > 0 and disc_start reached
+  before total_steps). When not, the step leaves the discriminator out entirely."""
+  return config.loss.disc_weight > 0 and config.loss.disc_start < config.total_steps
+
+
 def make_train_fn(config: ml_collections.ConfigDict, layout: Layout, perceptual=None):
-  """`(state, batch) -> (state, metrics)`: one generator and one discriminator update."""
+  """`(state, batch) -> (state, metrics)`: one generator and one discriminator update.
+
+  One forward pass of the generator and ONE full backward pass: the losses are functions of
+  the reconstruction, so the generator's gradient is the VJP of the combined cotangent
+  d(nll)/d(recon) + d_weight * d(g_loss)/d(recon). The adaptive weight needs the two
+  gradients w.r.t. the decoder's last kernel only: they come from the same VJP function, and
+  XLA drops everything of those two extra backward passes but the last layer.
+  Without the GAN (`uses_gan` false) the discriminator is neither run nor updated.
+  """
   model, disc, tx = layout.model, layout.disc, layout.tx
   perceptual = perceptual or PerceptualLoss(None)
   loss_cfg = config.loss
   last = vqgan_model.last_layer_path()
+  gan_on = uses_gan(config)
 
   def step(state: TrainState, batch, lpips_params=None):
     images = batch["image"]
     gen, dparams = state.params["gen"], state.params["disc"]
-    disc_factor = gan.adopt_weight(1.0, state.step, loss_cfg.disc_start)
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
     def forward(gen_params):
       (recon, aux), new_stats = model.apply({"params": gen_params, STATS: state.extra}, images,
                                             train=True, mutable=[STATS], rngs={"vq": rng})
+      return (recon, aux["quant_loss"]), (aux, new_stats)
+
+    (recon, q_loss), vjp, (aux, new_stats) = jax.vjp(forward, gen, has_aux=True)
+
+    def nll_fn(recon):
       rec = jnp.mean(jnp.abs(images - recon))
       perc = perceptual(images, recon, lpips_params) if perceptual.enabled else 0.0
-      nll = loss_cfg.rec_weight * rec + loss_cfg.perceptual_weight * perc
-      g_loss = gan.generator_loss(disc.apply({"params": dparams}, recon))
-      return (nll, g_loss, aux["quant_loss"]), (recon, aux, new_stats, rec, perc)
+      return loss_cfg.rec_weight * rec + loss_cfg.perceptual_weight * perc, (rec, perc)
 
-    (nll, g_loss, q_loss), vjp, (recon, aux, new_stats, rec, perc) = jax.vjp(
-        forward, gen, has_aux=True)
-    zero = jnp.zeros((), jnp.float32)
-    (grad_nll,) = vjp((jnp.ones_like(nll), zero, jnp.ones_like(q_loss) *
-                       loss_cfg.codebook_weight))
-    (grad_g,) = vjp((zero, jnp.ones_like(g_loss), zero))
-    d_weight = gan.adaptive_weight(gan.get_path(grad_nll, last), gan.get_path(grad_g, last),
-                                   loss_cfg.disc_weight) * disc_factor
-    grad_gen = jax.tree.map(lambda a, b: a + d_weight * b, grad_nll, grad_g)
+    (nll, (rec, perc)), c_nll = jax.value_and_grad(nll_fn, has_aux=True)(recon)
+    zero_q = jnp.zeros_like(q_loss)
+    metrics = {}
+    if gan_on:
+      disc_factor = gan.adopt_weight(1.0, state.step, loss_cfg.disc_start)
+      g_loss, c_g = jax.value_and_grad(
+          lambda r: gan.generator_loss(disc.apply({"params": dparams}, r)))(recon)
+      last_grad = lambda c: gan.get_path(vjp((c, zero_q))[0], last)
+      d_weight = gan.adaptive_weight(last_grad(c_nll), last_grad(c_g),
+                                     loss_cfg.disc_weight) * disc_factor
+      c_recon = c_nll + d_weight * c_g
 
-    def disc_loss(d):
-      real = disc.apply({"params": d}, images)
-      fake = disc.apply({"params": d}, jax.lax.stop_gradient(recon))
-      loss = gan.hinge_d_loss(real, fake)
-      if loss_cfg.r1_gamma:
-        loss = loss + 0.5 * loss_cfg.r1_gamma * gan.r1_penalty(
-            lambda x: disc.apply({"params": d}, x), images)
-      return disc_factor * loss, (jnp.mean(real), jnp.mean(fake))
+      def disc_loss(d):
+        real = disc.apply({"params": d}, images)
+        fake = disc.apply({"params": d}, jax.lax.stop_gradient(recon))
+        loss = gan.hinge_d_loss(real, fake)
+        if loss_cfg.r1_gamma:
+          loss = loss + 0.5 * loss_cfg.r1_gamma * gan.r1_penalty(
+              lambda x: disc.apply({"params": d}, x), images)
+        return disc_factor * loss, (jnp.mean(real), jnp.mean(fake))
 
-    (d_loss, (real_logit, fake_logit)), grad_disc = jax.value_and_grad(
-        disc_loss, has_aux=True)(dparams)
+      (d_loss, (real_logit, fake_logit)), grad_disc = jax.value_and_grad(
+          disc_loss, has_aux=True)(dparams)
+      metrics.update(g_loss=g_loss, d_loss=d_loss, d_weight=d_weight, logits_real=real_logit,
+                     logits_fake=fake_logit)
+    else:
+      g_loss = d_weight = jnp.zeros((), jnp.float32)
+      c_recon = c_nll
+      grad_disc = jax.tree.map(jnp.zeros_like, dparams)
+    (grad_gen,) = vjp((c_recon, jnp.ones_like(q_loss) * loss_cfg.codebook_weight))
     grads = {"gen": grad_gen, "disc": grad_disc}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     mse = jnp.mean(jnp.square((jnp.clip(recon, -1, 1) - images) / 2.0), axis=(1, 2, 3))
-    metrics = dict(loss=nll + d_weight * g_loss + loss_cfg.codebook_weight * q_loss,
-                   rec_loss=rec, perceptual_loss=perc, g_loss=g_loss, d_loss=d_loss,
-                   d_weight=d_weight, quant_loss=q_loss, logits_real=real_logit,
-                   logits_fake=fake_logit, psnr=jnp.mean(-10.0 * jnp.log10(mse + 1e-10)),
+    metrics.update(loss=nll + d_weight * g_loss + loss_cfg.codebook_weight * q_loss,
+                   rec_loss=rec, perceptual_loss=perc, quant_loss=q_loss,
+                   psnr=jnp.mean(-10.0 * jnp.log10(mse + 1e-10)),
                    lr=layout.schedule(state.step),
                    **{f"vq_{k}": v for k, v in aux["stats"].items()})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
@@ -248,7 +340,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
   if perceptual.enabled:
     lpips = jax.device_put(perceptual.params, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
-    fn = lambda state, batch: train_fn(state, batch, lpips)  # noqa: E731
+    fn = lambda state, batch: train_fn(state, batch, lpips)
   else:
     fn = train_fn
   train_step = compile_step(fn, layout.sharded, layout.abstract_batch)
@@ -273,36 +365,87 @@ def held_out_crops(config, source, count: int) -> np.ndarray:
   return np.stack([crop(reps[i], i, 0)["image"] for i in range(count)])
 
 
-def evaluate(config, built: Built, state, images: np.ndarray) -> dict[str, float]:
-  """PSNR, SSIM and the share of codes in use on held-out crops."""
+def held_out_sets(config, test_sources: dict) -> dict[str, np.ndarray]:
+  """{dataset name: `config.eval.crops` fixed held-out crops} (each dataset scored apart)."""
+  return {name: held_out_crops(config, src, config.eval.crops)
+          for name, src in test_sources.items() if len(src)}
+
+
+def image_scores(images: np.ndarray, recon: np.ndarray) -> tuple[float, float]:
+  """(mean PSNR in dB, mean SSIM) of [N, H, W, 3] images in [-1, 1]."""
   from skimage.metrics import structural_similarity  # pylint: disable=g-import-not-at-top
-  recon, indices = [], []
-  b = config.batch_size
-  for i in range(0, len(images), b):
-    chunk = images[i:i + b]
-    r, idx = built.reconstruct(state.params["gen"], state.extra, chunk)
-    recon.append(np.asarray(r))
-    indices.append(np.asarray(idx))
-  recon = np.concatenate(recon)
   a, r = (images + 1) / 2, (recon + 1) / 2
   mse = np.mean((a - r) ** 2, axis=(1, 2, 3))
   psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
   ssim = float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0)
                         for x, y in zip(a, r)]))
+  return psnr, ssim
+
+
+def evaluate(config, built: Built, state, images) -> tuple[dict[str, float], Any]:
+  """PSNR, SSIM and the share of codes in use on held-out crops.
+
+  `images`: [N, H, W, 3] array, or {dataset name: array}; then every dataset is also scored
+  on its own (eval_psnr/<name>, eval_ssim/<name>) and the overall figures are the means over
+  all crops. Returns (scores, reconstructions of the same structure as `images`).
+  """
+  sets = images if isinstance(images, dict) else {"": images}
+  b = config.batch_size
+  scores, recons, indices, all_psnr, all_ssim = {}, {}, [], [], []
+  for name, imgs in sets.items():
+    recon = []
+    for i in range(0, len(imgs), b):
+      chunk = imgs[i:i + b]
+      n = len(chunk)
+      if n < b:  # one compiled shape
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)])
+      r, idx = built.reconstruct(state.params["gen"], state.extra, chunk)
+      recon.append(np.asarray(r)[:n])
+      indices.append(np.asarray(idx)[:n])
+    recon = np.concatenate(recon)
+    recons[name] = recon
+    psnr, ssim = image_scores(imgs, recon)
+    all_psnr.append((psnr, len(imgs)))
+    all_ssim.append((ssim, len(imgs)))
+    if name:
+      scores[f"eval_psnr/{name}"], scores[f"eval_ssim/{name}"] = psnr, ssim
+  total = sum(n for _, n in all_psnr)
   used = len(np.unique(np.concatenate([i.reshape(-1) for i in indices])))
-  return {"eval_psnr": psnr, "eval_ssim": ssim,
-          "eval_codes_used": used / config.model.num_codes}, recon
+  scores = {"eval_psnr": sum(p * n for p, n in all_psnr) / total,
+            "eval_ssim": sum(v * n for v, n in all_ssim) / total,
+            "eval_codes_used": used / config.model.num_codes, **scores}
+  return scores, (recons if isinstance(images, dict) else recons[""])
+
+
+def recon_grid(held_out: dict[str, np.ndarray], recon: dict[str, np.ndarray],
+               per_row: int = 8) -> np.ndarray:
+  """Originals above their reconstructions, two rows per dataset."""
+  rows = []
+  for name, imgs in held_out.items():
+    n = min(per_row, len(imgs))
+    rows += [imgs[:n], recon[name][:n]]
+  return image_io.grid(rows)
 
 
 # ----------------------------------------------------------------------------------------
 # Loop
 # ----------------------------------------------------------------------------------------
 
+def time_is_up(t_start: float, budget: float) -> bool:
+  """Whether `budget` seconds have passed since `t_start`, decided by process 0 for all."""
+  up = time.time() - t_start >= budget
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    up = bool(multihost_utils.broadcast_one_to_all(np.asarray(up)))
+  return up
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   logging.info("mesh: %s", mesh_lib.describe(mesh))
-  train_source, test_source = make_sources(config)
+  t_start = time.time()
+  train_source, test_sources = make_split_sources(config)
   built = build(config, mesh)
   layout = built.layout
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(layout.sharded.abstract.params))
@@ -315,32 +458,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batches = HostBatchIterator(train_source, config.batch_size, shd.logical_sharding(
       ("batch",), mesh, config.sharding.rules), seed=config.seed,
                               start_batch=data_state["batches"], transform=crops(config))
-  held_out = held_out_crops(config, test_source, config.eval.crops)
+  held_out = held_out_sets(config, test_sources)
   writer = MetricWriter(workdir)
   metrics = AsyncMetrics(writer, config.total_steps, layout.tokens_per_step,
                          config.log_every_steps, first_step=start)
   preemption = PreemptionWatcher()
   last = config.total_steps if config.stop_at_step <= 0 else min(config.stop_at_step,
                                                                   config.total_steps)
+  budget = float(config.get("max_train_seconds", 0) or 0)
   step, scores = start, {}
   try:
     for step in range(start + 1, last + 1):
       state, m = built.train_step(state, next(batches))
       metrics.push(step, m)
       stop = preemption.should_stop(step)
-      ckpt.maybe_save(step, state, batches.state(), force=stop or step == last)
-      if step % config.eval.every_steps == 0 or step == last:
+      out_of_time = bool(budget) and step % config.log_every_steps == 0 and time_is_up(
+          t_start, budget)
+      end = step == last or out_of_time
+      ckpt.maybe_save(step, state, batches.state(), force=stop or end)
+      if step % config.eval.every_steps == 0 or end:
         metrics.flush()
         scores, recon = evaluate(config, built, state, held_out)
+        scores["wall_seconds"] = time.time() - t_start
         writer.write(step, scores)
         logging.info("step %d eval %s", step,
                      " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         if jax.process_index() == 0:
-          n = min(8, len(held_out))
           image_io.save_png(os.path.join(workdir, f"recon_{step:06d}.png"),
-                            image_io.grid([held_out[:n], recon[:n]]))
+                            recon_grid(held_out, recon))
       if stop:
         logging.warning("pre-empted: checkpoint of step %d saved, exiting.", step)
+        break
+      if out_of_time:
+        logging.warning("config.max_train_seconds=%g reached at step %d of %d: checkpoint "
+                        "saved, stopping.", budget, step, last)
         break
     metrics.flush()
   finally:
