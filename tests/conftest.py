@@ -59,15 +59,30 @@ class CompileCounter:
     self._logger.removeHandler(self._handler)
 
 
-def save_untrained(layout, config, workdir: str, step: int = 1):
-  """Saves a randomly initialised train state of `layout` (and the config) like a trained run,
-  for tests of the commands that read checkpoints."""
-  import jax  # pylint: disable=g-import-not-at-top
+def override(config, **overrides):
+  """Sets dotted keys of a ConfigDict (`override(c, **{"model.width": 8})`); returns it."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def save_state(state, config, workdir: str, step: int = 1):
+  """Saves `state` (and the config) the way a training run does, for tests of the commands
+  that read checkpoints."""
   from nuwa_jax.config_utils import write_config  # pylint: disable=g-import-not-at-top
   from nuwa_jax.runtime.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  state = layout.sharded.init(jax.random.key(0))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
   ckpt.maybe_save(step, state, {"batches": step}, force=True)
   ckpt.wait()
   ckpt.close()
   write_config(config, workdir)
+
+
+def save_untrained(layout, config, workdir: str, step: int = 1):
+  """A randomly initialised train state of `layout`, saved like a trained run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  save_state(layout.sharded.init(jax.random.key(0)), config, workdir, step)

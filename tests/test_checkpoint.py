@@ -17,19 +17,13 @@ from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime.checkpoint import Checkpointer
 from nuwa_jax.trainers import baseline
 
-from conftest import CompileCounter, subprocess_env
+from conftest import CompileCounter, override, subprocess_env
 
 
 def tiny_config(**overrides):
   config = baseline_config.get_config("size=tiny")
   config.log_every_steps = 1
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def read_metrics(workdir):

@@ -14,7 +14,7 @@ from nuwa_jax.models.nuwa import Model
 from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.trainers import nuwa_infinity as trainer
 
-from conftest import CompileCounter
+from conftest import CompileCounter, override
 
 B, P, D, L = 2, 6, 32, 2
 EXTENT = (0, 1, 1)
@@ -152,13 +152,7 @@ def test_caption_matters_and_dropped_caption_is_a_valid_condition(small):
 def tiny_config(**overrides):
   config = nuwa_config.get_config("size=tiny")
   config.log_every_steps = 5
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def test_later_patches_never_change_earlier_patches_in_a_chain():

@@ -10,16 +10,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, override, save_state, subprocess_env
 from PIL import Image
 
 from configs import nuwa_infinity as nuwa_config
 from configs import vqgan as vqgan_config
-from nuwa_jax.config_utils import ConfigError, write_config
+from nuwa_jax.config_utils import ConfigError
 from nuwa_jax.data import captions, datasets, pretokenize
 from nuwa_jax.data import synthetic_scenes as scenes_lib
 from nuwa_jax.runtime import mesh as mesh_lib
-from nuwa_jax.runtime.checkpoint import Checkpointer
 from nuwa_jax.trainers import nuwa_infinity as trainer
 from nuwa_jax.trainers import vqgan as vqgan_trainer
 
@@ -46,11 +45,7 @@ def save_random_tokenizer(workdir):
     return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
 
   state = jax.tree.map(fill, abstract)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
-  ckpt.maybe_save(1, state, {"batches": 1}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  write_config(config, workdir)
+  save_state(state, config, workdir)
   return config
 
 
@@ -97,13 +92,7 @@ def config_for(data, kinds, **overrides):
   config.log_every_steps = 1
   config.checkpoint.every_steps = config.eval.every_steps = 1000
   config.eval.chains = 3
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 def test_pretokenised_datasets_record_tokenizer_captions_and_grid_sizes(data):

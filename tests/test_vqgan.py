@@ -20,6 +20,8 @@ from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime import sharding as shd
 from nuwa_jax.tools import convert_lpips
 
+from conftest import save_state
+
 TINY = {"ch": 16, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
         "resolution": 16, "z_channels": 16, "embed_dim": 8, "num_codes": 32}
 
@@ -377,11 +379,8 @@ def tokenizer_dir(tmp_path_factory):
 
   Local decoder (per-pixel norms, no attention): tiled decoding must equal whole decoding.
   """
-  import os
 
   from configs import vqgan as vqgan_config
-  from nuwa_jax.config_utils import write_config
-  from nuwa_jax.runtime.checkpoint import Checkpointer
   from nuwa_jax.trainers import vqgan as trainer
   workdir = str(tmp_path_factory.mktemp("tokenizer"))
   config = vqgan_config.get_config("size=tiny")
@@ -392,11 +391,7 @@ def tokenizer_dir(tmp_path_factory):
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
   layout = trainer.make_layout(config, mesh)
   state = layout.sharded.init(key(0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
-  ckpt.maybe_save(1, state, {"batches": 1}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  write_config(config, workdir)
+  save_state(state, config, workdir)
   return workdir
 
 
