@@ -185,8 +185,9 @@ def section_train_step(a):
   emit({"bench": "matmul_peak_gflops", "n": 2048, **peaks})
   impls = [impl for impl in a.peers.split(",") if impl != "none"]
   runs = [run_peer(a, impl, peaks) for impl in impls]  # before and after ours: the machine
-  runs += [bench_nuwa_step(a, v, peaks) for v in a.variants.split(",")]  # is shared
-  runs += [run_peer(a, impl, peaks) for impl in impls]
+  for _ in range(a.rounds):  # is shared; several rounds alternate peer and ours
+    runs += [bench_nuwa_step(a, v, peaks) for v in a.variants.split(",")]
+    runs += [run_peer(a, impl, peaks) for impl in impls]
   refs = [r for r in runs if impls and r.get("impl") == impls[0] and "error" not in r]
   ref = max(refs, key=lambda r: r["gflop_per_s"], default=None)  # the peer at its best
   print(f"\nmatmul peak GFLOP/s: bf16 {peaks['bf16']['best']:.0f}, f32 {peaks['f32']['best']:.0f}"
@@ -292,6 +293,7 @@ def main():
   p.add_argument("--variants", default="f32,bf16,f32:scan,bf16:scan,f32:ctx=9,bf16:ctx=9,"
                  "bf16:extent=0.0.0", help="see step_config")
   p.add_argument("--peers", default="mingpt,xtransformers", help="peer impls or 'none'")
+  p.add_argument("--rounds", type=int, default=1, help="variants then peers, this many times")
   p.add_argument("--peers-dir", default=os.path.join(os.path.dirname(REPO), "shared", "peers"))
   p.add_argument("--peer-python", default="", help="default ${PEER_VENV:-~/.venvs/peers}")
   p.add_argument("--peer-threads", type=int, default=2)
