@@ -35,8 +35,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "demo", "Where everything goes.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies the training steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
-VQGAN_STEPS, VQGAN_MINUTES = 500, 5.0  # whichever comes first (configs/vqgan.py)
-NUWA_STEPS = 1500
+VQGAN_STEPS, VQGAN_MINUTES = 3000, 8.0  # whichever comes first (configs/vqgan.py)
+NUWA_STEPS = 12000
 CLIPS = dict(num_train=400, num_test=20, height=64, width=64, frames=8)
 SHORT_SIDE = {"photos": 128, "scenes": 64, "clips": 64}  # pixels before tokenising
 # Patch grids (frames, rows, cols) the model trains on; each batch uses one that fits.
