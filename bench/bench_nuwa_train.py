@@ -8,7 +8,10 @@ r"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimiz
   :scan|:noscan (default the config's: unrolled), :remat=full|dots, :extent=E.E.E, :ctx=M
   (context entries; 9 = one per offset).
   The PyTorch peer shared/peers/bench_gpt_train.py (GPT d512, 8 layers, 8 heads, vocab 1024,
-  seq 256, batch 8, AdamW; minGPT, x-transformers) runs before and after ours, in its venv.
+  seq 256, batch 8, AdamW; minGPT, x-transformers) runs before and after ours, in its venv;
+  --peers=xtmems is bench/peer_gpt_memory_train.py: that x-transformers GPT with per-layer
+  memories of --peer-memory tokens (the same work as our context; ratios are against the first
+  peer listed).
   FLOPs/step: matmuls of our traced step (tools/aot.py jaxpr_matmul_flops), the peer's own
   count; MFU against the 2048^3 matmul peak measured first (bf16 in, f32 accumulation).
 --section=chain_vs_patch: configs/nuwa_infinity.py size=tiny, synthetic token grids, one grid
@@ -161,10 +164,14 @@ def rates(flops, seconds, peaks):
 def run_peer(a, impl, peaks):
   python = a.peer_python or os.path.join(
       os.environ.get("PEER_VENV", os.path.expanduser("~/.venvs/peers")), "bin", "python")
-  cmd = [python, os.path.join(a.peers_dir, "bench_gpt_train.py"), "--impl", impl, "--dim",
-         "512", "--depth", "8", "--heads", "8", "--vocab", "1024", "--seq", "256", "--batch",
-         str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--threads",
-         str(a.peer_threads)]
+  if impl == "xtmems":  # x-transformers with per-layer memories: the same work as ours
+    cmd = [python, os.path.join(REPO, "bench", "peer_gpt_memory_train.py"), "--peers-dir",
+           a.peers_dir, "--memory", str(a.peer_memory)]
+  else:
+    cmd = [python, os.path.join(a.peers_dir, "bench_gpt_train.py"), "--impl", impl]
+  cmd += ["--dim", "512", "--depth", "8", "--heads", "8", "--vocab", "1024", "--seq", "256",
+          "--batch", str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+          "--threads", str(a.peer_threads)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
   if out.returncode or not lines:
@@ -175,6 +182,7 @@ def run_peer(a, impl, peaks):
   flops = fl["measured_fwd_bwd"] or fl["analytic_total"]
   return emit({"bench": "peer_gpt_train_step", "impl": impl, "cmd": " ".join(cmd),
                "torch": r["env"]["torch"], "params": r["params"]["total"], "s_per_step": sec,
+               "config": {"context_tokens": r.get("config", {}).get("memory", 0)},
                "tokens_per_s": r["tokens_per_s"], "flops_per_step": flops, "flops_detail": fl,
                **rates(flops, sec["median"], peaks), "cpu_util": util,
                "cpu_s_per_step": util * sec["median"], "final_loss": r["final_loss"]})
@@ -297,6 +305,8 @@ def main():
   p.add_argument("--peers-dir", default=os.path.join(os.path.dirname(REPO), "shared", "peers"))
   p.add_argument("--peer-python", default="", help="default ${PEER_VENV:-~/.venvs/peers}")
   p.add_argument("--peer-threads", type=int, default=2)
+  p.add_argument("--peer-memory", type=int, default=1280,
+                 help="xtmems: memory tokens per layer (ours: M=5 entries x 256 = 1280)")
   p.add_argument("--seconds", type=float, default=90.0, help="training time per mode")
   p.add_argument("--evals", type=int, default=6, help="evaluations per mode after the first")
   p.add_argument("--eval-chains", type=int, default=4)

@@ -8,28 +8,28 @@ then a summary line per section. From the repo root:
   JAX_PLATFORMS=cpu /work/venv/bin/python bench/bench_sampling.py --section=width --rows=2 \
       --widths=8,16,32,64 --plot=bench/results/sampling_width.png
   JAX_PLATFORMS=cpu /work/venv/bin/python bench/bench_sampling.py --section=speed --threads=1 \
-      --samplers=cached=1,cached_headmajor=0,uncached=1,sliding=256,peer=256 --repeats=2
+      --samplers=cached=1,uncached=1,sliding=128,peer=128 --repeats=2
 
 --section=width: unconditional panoramas through `nuwa_jax.sample.run` (sampling, VQGAN decoding
   of finished column strips, PNGs, state.npz), --rows patch rows x --widths patch columns, from
   random-init checkpoints (temp dir) of configs/vqgan.py:size=tiny (f8, 512 codes) and
   configs/nuwa_infinity.py:size=tiny (width 128, depth 2, 4x4 patches, extent (1,2,2), text on,
-  vocab = the tokenizer's 512). peak_rss_mb: the child's VmHWM (whole process); ms_per_patch:
-  result['seconds'] / patches (compile excluded; warm_decoder moves the decoder's compile into
-  compile_seconds); ms_per_patch_steady: mean time between finished columns / rows (the first
-  column left out). Target: widest peak RSS <= 1.15 x narrowest; time per patch flat.
+  vocab = the tokenizer's 512). peak_rss_mb: the child's VmHWM (whole process); generation_peak_
+  rss_mb: VmHWM reset after compiling; ms_per_patch: result['seconds'] / patches (compile out:
+  warm_decoder compiles the decoder in compile_seconds); ms_per_patch_steady: mean time between
+  finished columns / rows, first column out. Target: widest peak RSS <= 1.15 x narrowest.
 --section=speed: a 16x64-token canvas (1x4 patches of 16x16), width 512, depth 8, heads 8, mlp
   2048, vocab 1024, no text, extent (0,1,1) (K = 9 entries, 2304 context tokens), random params,
   batch 1, top-k 100 (as the peer). --samplers NAME=N: N patches (NUWA) or tokens (sliding, peer)
   are timed, 0 = all, fewer are extrapolated (every patch/token costs the same). cached:
-  nuwa_jax.sampler.PatchSampler as is (cache [depth, B, M, H, Dh]); cached_headmajor: the same
-  with head_major_cache (bench-only: cache [depth, B, H, M, Dh]); uncached: PatchSampler(
+  nuwa_jax.sampler.PatchSampler as is (cache [depth, B, M, H, Dh]); uncached: PatchSampler(
   cached=False), the full teacher-forced forward per token; sliding: taming's loop in JAX, a GPT
   of the same size (models/baseline.py, 16x16 image) on the 256-token window for every token,
   placed by local_offset; peer: shared/peers/bench_sliding_window.py (minGPT, torch, f32).
-  tokens_per_s excludes compile (compile_s); peak_rss_mb: VmHWM (peer: ru_maxrss);
-  sampling_peak_rss_mb: VmHWM reset after setup. --threads 1: all on core 1 (taskset), 1 thread.
-  Summary: medians, ratios cached* / sliding (target >= 10), / peer, / uncached.
+  tokens_per_s (wall) and tokens_per_cpu_s (CPU time, less sensitive to other jobs) exclude
+  compile (compile_s); peak_rss_mb: VmHWM (peer: ru_maxrss), sampling_peak_rss_mb: reset after
+  setup. --threads 1: all on core 1 (taskset), one thread. Summary: medians; ratios [wall, CPU]
+  of cached / sliding (target >= 10), / peer, / uncached.
 """
 
 import argparse
@@ -95,11 +95,13 @@ def child_setup(root: str) -> dict:
 
 def child_width(root: str, cols: int, rows: int, patch_px) -> dict:
   from nuwa_jax import sample as sample_lib
-  init, on_unit, times = sample_lib.Decoder.__init__, sample_lib.Decoder.on_unit, []
+  init, on_unit, times, marks = sample_lib.Decoder.__init__, sample_lib.Decoder.on_unit, [], []
 
   def warm_decoder(self, loaded, out, canvas, fps=4.0):  # bench-only: compile the tile decode
     init(self, loaded, out, canvas, fps)  # in compile_seconds, not at the first column
     np.asarray(self._decode(np.zeros((canvas.batch * len(self.rows), self.th, self.tw), int)))
+    marks.extend([vm("VmRSS"), vm("VmHWM")])  # then reset VmHWM: the peak while generating
+    open("/proc/self/clear_refs", "w").write("5")
   sample_lib.Decoder.__init__ = warm_decoder
   sample_lib.Decoder.on_unit = lambda self, *a: (on_unit(self, *a), times.append(time.time()))
   request = sample_lib.Request(task="unconditional", checkpoint=os.path.join(root, "nuwa"),
@@ -107,64 +109,27 @@ def child_width(root: str, cols: int, rows: int, patch_px) -> dict:
                                width=cols * patch_px[1], seed=0)
   loaded = sample_lib.load(request)
   rss_loaded = vm("VmRSS")
-  result = sample_lib.run(request, loaded)
-  gaps = np.diff(times)
+  result, generation_peak = sample_lib.run(request, loaded), vm("VmHWM")
   return {"cols": cols, "rows": rows, "patches": result["patches"],
           "pixels": [n * loaded.factor for n in result["tokens"].shape[-2:]],
           "seconds": result["seconds"], "compile_seconds": result["compile_seconds"],
           "ms_per_patch": 1e3 * result["seconds"] / result["patches"],
-          "ms_per_patch_steady": 1e3 * float(gaps.mean()) / rows,
-          "rss_after_load_mb": round(rss_loaded, 1), "peak_rss_mb": round(vm("VmHWM"), 1)}
-
-
-def head_major_cache():
-  """Bench-only patch: the sampling cache stored [B, H, M, Dh], not [B, M, H, Dh], so that the
-  per-token attention does not transpose (copy) the whole cache. Same params, same tokens."""
-  from nuwa_jax.models import layers, nuwa
-  heads_first = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
-
-  class Attention(layers.Attention):
-    @nn.compact
-    def __call__(self, x, kv=None, mask=None, bias=None, cache=None, cache_index=None,
-                 kv_only=False):
-      if kv_only:
-        return heads_first(self._proj("key", x)), heads_first(self._proj("value", x))
-      kv = x if kv is None else kv
-      q, k, v = (self._proj(n, a) for n, a in (("query", x), ("key", kv), ("value", kv)))
-      if cache is None:
-        out = layers.dot_product_attention(q, k, v, mask=mask, bias=bias)
-      else:
-        k, v = cache = tuple(jax.lax.dynamic_update_slice_in_dim(
-            c, heads_first(a).astype(c.dtype), cache_index, 2) for c, a in zip(cache, (k, v)))
-        logits = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits / np.sqrt(q.shape[-1]) + bias.astype(jnp.float32)
-        weights = jax.nn.softmax(jnp.where(mask, logits, layers.NEG_INF), -1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v)
-      out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="out")(out)
-      return out if cache is None else (out, cache)
-
-  def context_cache(self, memory):
-    depth, batch, k, p, d = memory.shape
-    kv = self.decoder(memory.reshape(depth, batch, k * p, d).astype(jnp.dtype(self.dtype)),
-                      None, memory_kv_only=True)
-    pad = ((0, 0),) * 3 + ((0, self.patch_tokens + 1), (0, 0))
-    return jax.tree.map(lambda a: jnp.pad(a, pad), kv)
-  layers.Attention, nuwa.Model.context_cache = Attention, context_cache
+          "ms_per_patch_steady": 1e3 * float(np.diff(times).mean()) / rows,
+          "rss_after_load_mb": round(rss_loaded, 1), "rss_before_generation_mb": round(marks[0], 1),
+          "generation_peak_rss_mb": round(generation_peak, 1),
+          "peak_rss_mb": round(max(marks[1], generation_peak), 1)}
 
 
 def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
   from nuwa_jax import context_pool, generate as gen
+  from nuwa_jax.models import baseline, nuwa
   from nuwa_jax.sampler import PatchSampler, SamplingOptions, choose
   (h, w), win = CANVAS, SPEED["patch_rows"]
   t0, spec, options = time.time(), jax.ShapeDtypeStruct, SamplingOptions(top_k=TOP_K)
-  if kind == "cached_headmajor":
-    head_major_cache()
   if kind != "sliding":
-    from nuwa_jax.models.nuwa import Model
     canvas = gen.make_canvas("unconditional", (win, SPEED["patch_cols"]), 1, h, w)
     slots = context_pool.make_schedule(canvas.order, SPEED["extent"]).peak_occupancy
-    model = Model(**SPEED, dtype=dtype, pool_slots=slots)
+    model = nuwa.Model(**SPEED, dtype=dtype, pool_slots=slots)
     p, k = model.patch_tokens, model.num_context
     params = nn.meta.unbox(jax.jit(model.init)(
         jax.random.key(0), jnp.zeros((1, p), jnp.int32),
@@ -177,8 +142,7 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
                                  stop_after=patches)
     tokens_done, extra = patches * p, {"pool_slots": slots, "context_entries": k}
   else:  # taming's loop (scripts/sample_conditional.py) with a plain GPT of the same size
-    from nuwa_jax.models.baseline import Model
-    model = Model(text_vocab=1, text_len=0, image_vocab=SPEED["vocab"], image_rows=win,
+    model = baseline.Model(text_vocab=1, text_len=0, image_vocab=SPEED["vocab"], image_rows=win,
                   image_cols=win, dtype=dtype, **{k: SPEED[k] for k in ("width", "depth",
                                                                         "num_heads", "mlp_dim")})
     text = jnp.zeros((1, 0), jnp.int32)
@@ -200,17 +164,15 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
     places = [jnp.asarray([i, j, i - local(i, h), j - local(j, w),
                            local(i, h) * win + local(j, w)], jnp.int32)
               for i in range(h) for j in range(w)]
-    tokens_done = min(limit or h * w, h * w)
+    tokens_done, extra = min(limit or h * w, h * w), {}
 
     def run(seed):
       canvas, key = jnp.zeros((1, h, w), jnp.int32), jax.random.key(seed)
       for t in range(tokens_done):
         canvas = compiled(params, canvas, places[t], jax.random.fold_in(key, t))
       return canvas
-    extra = {"window": [win, win]}
   compile_s, setup_peak = time.time() - t0, vm("VmHWM")
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM: sampling_peak_rss_mb is the peak while sampling
+  open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM: then the peak while sampling
   seconds, cpu = [], []
   for r in range(repeats):
     t0, c0 = time.time(), time.process_time()
@@ -221,6 +183,7 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
   return {"kind": kind, "dtype": dtype, "tokens_timed": tokens_done, "tokens_canvas": h * w,
           "extrapolated": tokens_done < h * w, "seconds": seconds,
           "canvas_seconds": med * h * w / tokens_done, "tokens_per_s": tokens_done / med,
+          "tokens_per_cpu_s": tokens_done / statistics.median(np.multiply(seconds, cpu)),
           "setup_s": setup_s, "compile_s": compile_s, "cpu_util": cpu,
           "distinct_tokens": len(np.unique(out)), "sampling_peak_rss_mb": round(vm("VmHWM"), 1),
           "peak_rss_mb": round(max(setup_peak, vm("VmHWM")), 1), **extra}
@@ -251,6 +214,7 @@ def peer(steps: int, threads: int) -> dict:
       "--threads", threads)]
   r = spawn(cmd)
   return {"kind": "peer", "dtype": "float32", "command": " ".join(cmd),
+          "tokens_per_cpu_s": r["tokens_per_s"] / r["cpu_util_sample_loop"],
           "tokens_timed": r["steps_done"], "canvas_seconds": r["sample_wall_s_extrapolated_full"],
           **{k: r[k] for k in ("impl", "tokens_per_s", "step_ms", "cpu_util_sample_loop",
                                "peak_rss_mb", "loadavg_before")}}
@@ -272,49 +236,46 @@ def section_width(a) -> dict:
 
 
 def plot(rows, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cols = [r["cols"] for r in rows]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-  ax1.plot(cols, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS (process)")
-  ax1.plot(cols, [r["rss_after_load_mb"] for r in rows], "s--", label="RSS after loading")
+  for ax, key, style, label in ((ax1, "peak_rss_mb", "o-", "peak RSS (process)"),
+                                (ax1, "generation_peak_rss_mb", "^-", "peak while generating"),
+                                (ax1, "rss_before_generation_mb", "s--", "before generating"),
+                                (ax2, "ms_per_patch", "o-", "seconds / patches"),
+                                (ax2, "ms_per_patch_steady", "s--", "after the 1st column")):
+    ax.plot(cols, [r[key] for r in rows], style, label=label)
   ax1.axhline(1.15 * rows[0]["peak_rss_mb"], color="grey", ls=":", label="+15% of narrowest")
-  ax2.plot(cols, [r["ms_per_patch"] for r in rows], "o-", label="seconds / patches")
-  ax2.plot(cols, [r["ms_per_patch_steady"] for r in rows], "s--", label="after the 1st column")
   for ax, ylabel, title in ((ax1, "MB", "memory"),
                             (ax2, "ms per patch", "time per patch (compile excluded)")):
     ax.set(xlabel="canvas width (patches)", ylabel=ylabel, ylim=(0, None), title=title)
-    ax.set_xscale("log", base=2)
     ax.set_xticks(cols, [str(c) for c in cols])
     ax.legend(fontsize=8)
-  fig.suptitle(f"nuwa_jax.sample unconditional, random-init tiny VQGAN + tiny NUWA-Infinity, "
-               f"{rows[0]['rows']} patch rows ({rows[0]['pixels'][0]} px); load average "
-               + ", ".join(f"{r['loadavg'][0]:.1f}" for r in rows), fontsize=9)
+  fig.suptitle("nuwa_jax.sample unconditional, random-init tiny VQGAN + NUWA-Infinity, %d px "
+               "high; load average %s" % (rows[0]["pixels"][0], [r["loadavg"][0] for r in rows]))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
 
 def section_speed(a) -> dict:
   runs = []
+  dt = lambda k, d: d if k in ("cached", "sliding") else "float32"  # noqa: E731
   for _ in range(a.repeats):
     for kind, n in a.samplers:
-      if kind == "peer":
-        runs.append(emit({"section": "speed", "threads": a.threads, **peer(n, a.threads)}))
-        continue
-      for dtype in a.dtypes if kind != "uncached" else a.dtypes[:1]:
-        runs.append(emit({"section": "speed", "threads": a.threads, **child(
-            "speed", kind, dtype, n, 2 if kind.startswith("cached") else 1, threads=a.threads)}))
+      for dtype in sorted({dt(kind, d) for d in a.dtypes}, reverse=True):  # float32 first
+        r = peer(n, a.threads) if kind == "peer" else child(
+            "speed", kind, dtype, n, 2 if kind.startswith("cached") else 1, threads=a.threads)
+        runs.append(emit({"section": "speed", "threads": a.threads, **r}))
   kinds = [k for k, _ in a.samplers]
-  dt = lambda k, d: d if k in ("cached", "cached_headmajor", "sliding") else "float32"  # noqa: E731
   med = lambda k, d, key="tokens_per_s": statistics.median(  # noqa: E731
       [r[key] for r in runs if r["kind"] == k and r["dtype"] == dt(k, d)] or [float("nan")])
   summary = {"section": "speed", "summary": True, "threads": a.threads, **SPEED}
   for d in a.dtypes:
-    summary[d] = {"tokens_per_s": {k: round(med(k, d), 2) for k in kinds},
-                  "peak_rss_mb": {k: med(k, d, "peak_rss_mb") for k in kinds},
-                  **{f"{c}/{o}": round(med(c, d) / med(o, d), 2) for c in kinds for o in kinds
-                     if c.startswith("cached") and not o.startswith("cached")}}
+    summary[d] = {m: {k: round(med(k, d, m), 2) for k in kinds} for m in (
+        "tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")}  # ratios: [wall, CPU time]
+    summary[d].update({f"{c}/{o}": [round(med(c, d, m) / med(o, d, m), 2) for m in (
+        "tokens_per_s", "tokens_per_cpu_s")] for c in kinds for o in kinds
+                       if c.startswith("cached") and not o.startswith("cached")})
   summary["loads"] = [r["loadavg"] for r in runs]
   return emit(summary)
 
@@ -328,8 +289,7 @@ def main():
   ap.add_argument("--plot", default=os.path.join(REPO, "bench/results/sampling_width.png"))
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--repeats", type=int, default=1)  # rounds of the speed samplers
-  ap.add_argument("--samplers", default="cached=1,cached_headmajor=0,uncached=1,sliding=256,"
-                  "peer=256")
+  ap.add_argument("--samplers", default="cached=1,uncached=1,sliding=128,peer=128")
   ap.add_argument("--threads", type=int, default=2, choices=(1, 2))
   ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
   a = ap.parse_args()

@@ -3,7 +3,8 @@
   python -m nuwa_jax.train --config=configs/nuwa_infinity.py:size=tiny --workdir=/tmp/nuwa
   python -m nuwa_jax.tools.aot --config=configs/nuwa_infinity.py:size=paper --topology=v5p:8x8x4
 
-Variants: size=tiny|paper; steps=N (updates; one per patch in render-and-optimize);
+Variants: size=tiny|paper; steps=N (updates; one per patch in render-and-optimize); minutes=M
+(stop, save and evaluate at the first chain end after M minutes);
 mode=render_and_optimize|full_chain; data=synthetic_token_grids|token_grids; text=true|false.
 `config.total_steps` counts optimizer updates: one per patch (render-and-optimize) or one per
 chain (full_chain).
@@ -33,7 +34,7 @@ SIZES = {
 
 
 def get_config(arg=None):
-  v = parse_variant(arg, size="tiny", steps=0, mode="render_and_optimize",
+  v = parse_variant(arg, size="tiny", steps=0, minutes=0.0, mode="render_and_optimize",
                     data="synthetic_token_grids", text=True)
   check_choice("config variant size", v.size, SIZES)
   check_choice("config variant mode", v.mode, ("render_and_optimize", "full_chain"))
@@ -50,6 +51,8 @@ def get_config(arg=None):
   c.mode = v.mode
   c.total_steps = v.steps or steps
   c.stop_at_step = 0
+  # > 0: stop (checkpoint, eval) at the first chain end after this much wall time.
+  c.max_train_seconds = 60.0 * v.minutes
   c.batch_size = batch  # chains (examples) per batch, across all hosts
   c.label_smoothing = 0.1 if paper else 0.0
   c.cond_dropout = 0.1  # drop the caption of this share of examples (classifier-free guidance)

@@ -21,6 +21,7 @@ the canvas).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -245,6 +246,16 @@ def library_orders(grid: Sequence[int], order: str = "random") -> list[list[tupl
           for c1 in range(c0 + 1, cols + 1):
             out.append(orders_lib.rings((frames, rows, cols), (r0, c0, r1, c1)))
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def sampling_context_entries(extent: Sequence[int]) -> int:
+  """M for generation, where any library order may grow a canvas of any size: the most valid
+  entries any such step has. Only the (2e+1)-box around a patch counts, so a grid holding the
+  box around a patch in every position relative to the canvas edges and to a ring's seed
+  region, (2e_t+1, 2e_h+3, 2e_w+3), has every case (tests compare larger grids)."""
+  e_t, e_h, e_w = extent3(extent)
+  return max_valid_context([(2 * e_t + 1, 2 * e_h + 3, 2 * e_w + 3)], (e_t, e_h, e_w))
 
 
 def max_valid_context(grids: Sequence[Sequence[int]], extent: Sequence[int],

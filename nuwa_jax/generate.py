@@ -259,12 +259,12 @@ def generate(sampler: PatchSampler, canvas: Canvas, seed: int = 0, out_dir: str 
   pool = sampler.new_pool()
   bar = Progress(schedule.num_steps, canvas.task, start=done) if progress else None
   last = schedule.num_steps if stop_after is None else min(stop_after, schedule.num_steps)
-  k = schedule.context_slot.shape[1]
+  context = schedule.compact(sampler.entries)
   for i in range(last):
     t, r, c = (int(x) for x in canvas.order[i])
-    fields = dict(slot=np.broadcast_to(schedule.context_slot[i], (canvas.batch, k)),
-                  valid=np.broadcast_to(schedule.context_valid[i], (canvas.batch, k)),
-                  text=text, text_mask=text_mask)
+    fields = {name: np.broadcast_to(context["context_" + name][i], (canvas.batch, sampler.entries))
+              for name in ("slot", "valid", "offset")}
+    fields.update(text=text, text_mask=text_mask)
     fields = {k: (np.ascontiguousarray(v) if v is not None else None) for k, v in fields.items()}
     window = (slice(None), t, slice(r * pr, (r + 1) * pr), slice(c * pc, (c + 1) * pc))
     if i < done or canvas.given[t, r, c]:

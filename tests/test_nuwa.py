@@ -1,6 +1,7 @@
 """NUWA-Infinity: no leakage, the pool's masks and offset biases, sharding, one compile, and
 that context from the pool is what lets the model predict what it has seen before."""
 
+import json
 
 import flax.linen as nn
 import jax
@@ -249,6 +250,22 @@ def test_full_chain_mode_trains(tmp_path):
   assert len(losses) == 12 and losses[-1] < losses[0]
 
 
+def test_time_budget_stops_at_a_chain_end_with_checkpoint_and_eval(tmp_path):
+  """max_train_seconds: the run stops at the first chain end after the budget (here the first
+  chain), saves that step and evaluates it, far before total_steps."""
+  config = tiny_config(**{"total_steps": 10_000, "max_train_seconds": 1e-3,
+                          "grids": ((1, 2, 2),), "eval.every_steps": 1000,
+                          "checkpoint.every_steps": 1000, "log_every_steps": 1})
+  out = trainer.train(config, str(tmp_path / "run"))
+  assert out["last_step"] == 4  # one 2x2 chain
+  from nuwa_jax.runtime.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"), 1, 1, async_save=False)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+  rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "eval_nll" in r] == [4], rows
+
+
 def test_context_entries_default_covers_the_orders_and_is_checked():
   config = tiny_config()
   # tiny: extent (1, 2, 2) = 75 offsets; at most 8 earlier patches within it on grids up to
@@ -328,3 +345,46 @@ def test_write_pool_stores_each_example_at_its_slot(dtype):
   for b, s in enumerate([3, 0, 3]):
     want[:, b, s] = np.asarray(hidden[:, b].astype(dtype).astype(jnp.float32))
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_memory_rows_are_projected_without_their_input_gradient(dtype):
+  """Attention(memory=) equals attending to [LayerNorm(memory); x] projected together, in
+  value and in the gradients of every parameter and of x, and its backward pass does not
+  compute the input gradient of the memory rows (2 x B*M*D*H*Dh FLOPs per projection)."""
+  from nuwa_jax.models import layers
+  from nuwa_jax.tools.aot import jaxpr_matmul_flops
+  b, t, m, d, heads = 2, 5, 7, 16, 2
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  mem = jnp.asarray(rng.normal(size=(b, m, d)) * 3 + 1, jnp.float32)
+  mask = jnp.asarray(np.concatenate([rng.random((b, 1, t, m)) < 0.7,
+                                     np.tril(np.ones((t, t), bool))[None, None].repeat(b, 0)],
+                                    -1))
+  attention, norm = layers.Attention(heads, d // heads, dtype=dtype), nn.LayerNorm(dtype=dtype)
+  params = {"attention": nn.meta.unbox(attention.init(jax.random.key(0), x)),
+            "norm": {"params": {"scale": jnp.asarray(rng.normal(size=d) + 1, jnp.float32),
+                                "bias": jnp.asarray(rng.normal(size=d), jnp.float32)}}}
+  cot = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+
+  def ours(p, x):
+    h = norm.apply(p["norm"], x)
+    n = p["norm"]["params"]
+    memory = (layers.layer_normalize(mem), n["scale"], n["bias"])
+    out = attention.apply(p["attention"], h, mask=mask, memory=memory)
+    return jnp.sum(out.astype(jnp.float32) * cot)
+
+  def reference(p, x):
+    h = norm.apply(p["norm"], x)
+    kv = jnp.concatenate([norm.apply(p["norm"], jax.lax.stop_gradient(mem)), h], axis=1)
+    return jnp.sum(attention.apply(p["attention"], h, kv=kv, mask=mask).astype(jnp.float32)
+                   * cot)
+
+  tol = 1e-4 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(ours(params, x), reference(params, x), rtol=tol)
+  got, want = (jax.grad(f, argnums=(0, 1))(params, x) for f in (ours, reference))
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, w, atol=tol * float(jnp.max(jnp.abs(w))))
+  flops = [jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(f))(params, x).jaxpr)
+           for f in (ours, reference)]
+  assert flops[1] - flops[0] == 2 * (2 * b * m * d * d), flops

@@ -66,6 +66,29 @@ def test_cached_sampling_gives_the_tokens_of_uncached_sampling(small_model):
     assert not np.array_equal(outs[0][0], outs[0][1])  # the batch rows differ
 
 
+def test_compact_context_samples_what_one_entry_per_offset_samples(small_model):
+  """The sampler's M compact entries (14 of K = 27 for extent (1, 1, 1): rings reach 14) give
+  the tokens of attending to all K offsets, on a video canvas where patches have up to 13
+  valid entries."""
+  model, params = small_model
+  canvas = gen.make_canvas("text_to_video", (2, 2), 1, 6, 6, frames=3, text=TEXT)
+  assert context_pool.make_schedule(canvas.order, model.extent).max_valid == 13
+  outs = []
+  for entries in (None, model.num_context):
+    sampler = PatchSampler(model, params, 1, SamplingOptions(temperature=0.9), entries=entries)
+    outs.append(gen.generate(sampler, canvas, seed=5, progress=False))
+  assert sampler.entries == 27 and PatchSampler(model, params, 1).entries == 14
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("extent", [(0, 1, 1), (1, 1, 1), (0, 2, 1)])
+def test_sampling_context_entries_cover_every_order_on_larger_canvases(extent):
+  m = context_pool.sampling_context_entries(extent)
+  frames = 4 if extent[0] else 1
+  assert m == context_pool.max_valid_context([(frames, 6, 7), (frames, 2, 9)], extent)
+  assert m < context_pool.num_offsets(extent)
+
+
 def test_seed_repeats_and_changes_the_sample(small_model):
   model, params = small_model
   sampler = PatchSampler(model, params, 1)

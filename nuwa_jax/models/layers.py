@@ -145,6 +145,52 @@ def dot_product_attention(q, k, v, mask=None, bias=None):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def layer_normalize(x, epsilon: float = 1e-6):
+  """nn.LayerNorm's normalisation (before scale and bias), in float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+  return (x - mean) * jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def memory_projection(xhat, scale, bias, kernel, dtype):
+  """(xhat * scale + bias) @ kernel, the keys or values of a layer's memory rows.
+
+  xhat [B, M, D] is the memory normalised by `layer_normalize` and gets no gradient (the pool's
+  entries are never differentiated through); scale, bias [D] are the layer's LayerNorm and
+  kernel [D, H, Dh] its key or value projection, which do. The backward pass computes one
+  [D, H*Dh] matmul, A = xhat^T g, and derives from it d_kernel = scale * A + bias * sum(g),
+  d_scale = sum(A * kernel) and d_bias = sum(sum(g) * kernel): the input gradient of the M rows
+  (as costly as d_kernel; autodiff of a projection of [memory; x] computes it and throws it
+  away) is never formed. Dots in `dtype` with float32 accumulation.
+  """
+  y = (xhat * scale + bias).astype(dtype)
+  out = jax.lax.dot_general(y, kernel.astype(dtype), (((2,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+def _memory_projection_fwd(xhat, scale, bias, kernel, dtype):
+  return memory_projection(xhat, scale, bias, kernel, dtype), (xhat, scale, bias, kernel)
+
+
+def _memory_projection_bwd(dtype, res, g):
+  xhat, scale, bias, kernel = res
+  g = g.astype(dtype)
+  a = jax.lax.dot_general(xhat.astype(dtype), g, (((0, 1), (0, 1)), ((), ())),
+                          preferred_element_type=jnp.float32)  # [D, H, Dh]
+  g_sum = jnp.sum(g, axis=(0, 1), dtype=jnp.float32)  # [H, Dh]
+  w = kernel.astype(jnp.float32)
+  d_kernel = scale.astype(jnp.float32)[:, None, None] * a + bias.astype(
+      jnp.float32)[:, None, None] * g_sum
+  return (jnp.zeros_like(xhat), jnp.sum(a * w, axis=(1, 2)).astype(scale.dtype),
+          jnp.sum(w * g_sum, axis=(1, 2)).astype(bias.dtype), d_kernel.astype(kernel.dtype))
+
+
+memory_projection.defvjp(_memory_projection_fwd, _memory_projection_bwd)
+
+
 class Attention(nn.Module):
   """Multi-head attention; self-attention when `kv` is None, else cross-attention."""
   num_heads: int
@@ -152,38 +198,56 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _proj(self, name, x):
+  def _dense(self, name):
     return nn.DenseGeneral((self.num_heads, self.head_dim), axis=-1, use_bias=False,
                            dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                            dot_general=dot_general_for(self.dtype),
-                           kernel_init=partitioned(KERNEL_INIT, "embed", "heads", "kv"))(x)
+                           kernel_init=partitioned(KERNEL_INIT, "embed", "heads", "kv"))
 
-  @nn.compact
+  def _memory_kv(self, memory):
+    """memory = (xhat, scale, bias): this layer's keys and values of its memory rows."""
+    out = []
+    for name in ("key", "value"):
+      kernel = nn.meta.unbox(getattr(self, name).variables["params"]["kernel"])
+      out.append(constrain(memory_projection(*memory, kernel, jnp.dtype(self.dtype)),
+                           ("batch", "length", "act_heads", "act_kv")))
+    return tuple(out)
+
+  def setup(self):
+    self.query, self.key, self.value = (self._dense(n) for n in ("query", "key", "value"))
+    self.out = nn.DenseGeneral(
+        self.num_heads * self.head_dim, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype, dot_general=dot_general_for(self.dtype),
+        kernel_init=partitioned(KERNEL_INIT, "heads", "kv", "embed"))
+
   def __call__(self, x, kv=None, mask=None, bias=None, cache=None, cache_index=None,
-               kv_only: bool = False):
+               memory=None, kv_only: bool = False):
     """Args:
       x: [B, Lq, D] queries (and keys/values when `kv` is None).
       cache: (k, v) [B, M, H, Dh] already-projected keys and values (incremental decoding);
         the keys and values of x are written into it at `cache_index` and the queries attend
         to the whole cache (mask/bias cover M). Returns (out, cache) then.
-      kv_only: return this layer's (keys, values) of x only (to fill a cache).
+      memory: (xhat [B, M, D], scale [D], bias [D]): M memory rows, normalised by
+        `layer_normalize`, and the LayerNorm scale and bias that x went through; their keys and
+        values (`memory_projection`, no gradient into xhat) go before those of x.
+      kv_only: return this layer's (keys, values) of `memory` only (to fill a cache).
     """
     if kv_only:
-      return self._proj("key", x), self._proj("value", x)
+      return self._memory_kv(memory)
     kv = x if kv is None else kv
-    q = constrain(self._proj("query", x), ("batch", "length", "act_heads", "act_kv"))
-    k = constrain(self._proj("key", kv), ("batch", "length", "act_heads", "act_kv"))
-    v = constrain(self._proj("value", kv), ("batch", "length", "act_heads", "act_kv"))
+    q = constrain(self.query(x), ("batch", "length", "act_heads", "act_kv"))
+    k = constrain(self.key(kv), ("batch", "length", "act_heads", "act_kv"))
+    v = constrain(self.value(kv), ("batch", "length", "act_heads", "act_kv"))
+    if memory is not None:
+      k_memory, v_memory = self._memory_kv(memory)
+      k = jnp.concatenate([k_memory, k], axis=1)
+      v = jnp.concatenate([v_memory, v], axis=1)
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
       cache = (k, v)
     out = dot_product_attention(q, k, v, mask=mask, bias=bias)
-    out = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="out",
-                          dot_general=dot_general_for(self.dtype),
-                          kernel_init=partitioned(KERNEL_INIT, "heads", "kv", "embed"))(out)
-    out = constrain(out, ("batch", "length", "act_embed"))
+    out = constrain(self.out(out), ("batch", "length", "act_embed"))
     return out if cache is None else (out, cache)
 
 
@@ -224,6 +288,12 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  @staticmethod
+  def _memory(ln_self, memory):
+    """(normalised memory, ln_self's scale, bias): what Attention(memory=) projects."""
+    params = nn.meta.unbox(ln_self.variables["params"]["LayerNorm_0"])
+    return layer_normalize(jax.lax.stop_gradient(memory)), params["scale"], params["bias"]
+
   @nn.compact
   def __call__(self, x, mask, bias=None, context=None, context_mask=None, memory=None,
                deterministic: bool = True, cache=None, cache_index=None,
@@ -236,13 +306,12 @@ class DecoderBlock(nn.Module):
     drop = functools.partial(nn.Dropout(self.dropout), deterministic=deterministic)
     ln_self = LayerNorm(name="ln_self", **kw)
     attention = Attention(self.num_heads, head_dim, name="self_attention", **kw)
-    if memory_kv_only:
-      return attention(ln_self(jax.lax.stop_gradient(x)), kv_only=True)
+    if memory_kv_only:  # x is the memory
+      return attention(None, memory=self._memory(ln_self, x), kv_only=True)
     h = ln_self(x)
-    kv = None
     if memory is not None:
-      kv = jnp.concatenate([ln_self(jax.lax.stop_gradient(memory).astype(x.dtype)), h], axis=1)
-    h = attention(h, kv=kv, mask=mask, bias=bias, cache=cache, cache_index=cache_index)
+      memory = self._memory(ln_self, memory)
+    h = attention(h, mask=mask, bias=bias, cache=cache, cache_index=cache_index, memory=memory)
     if cache is not None:
       h, cache = h
     x = x + drop(h)

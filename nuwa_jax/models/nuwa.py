@@ -231,18 +231,19 @@ class Model(nn.Module):
         lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, self.patch_tokens + 1), (0, 0), (0, 0))), kv)
 
   def decode_token(self, cache, j, prev_token, memory_valid, text_context=None,
-                   text_context_mask=None):
+                   text_context_mask=None, memory_offset=None):
     """Feeds patch position j (bos when j == 0, else token t_{j-1} = `prev_token` [B]).
 
     Args:
       cache: from `context_cache` (and earlier calls); j: int32 scalar in [0, P].
-      memory_valid: bool [B, K]. text_context, text_context_mask: from `encode_text`.
+      memory_valid: bool [B, M]. text_context, text_context_mask: from `encode_text`.
+      memory_offset: int [B, M] offset index of each entry (as in `__call__`); None: M = K.
     Returns:
       (logits float32 [B, vocab] predicting t_j, updated cache).
     """
     dtype = _dtype(self.dtype)
     batch = prev_token.shape[0]
-    p, k = self.patch_tokens, self.num_context
+    p, k = self.patch_tokens, memory_valid.shape[1]
     pos = (self.row_pos[:, None] + self.col_pos[None, :]).reshape(p, self.width)
     table = constrain(self.token_embed, ("vocab", None))
     emb = jnp.take(table, prev_token, axis=0) + jnp.take(pos, jnp.maximum(j - 1, 0), axis=0)
@@ -251,10 +252,16 @@ class Model(nn.Module):
     mask = jnp.concatenate([jnp.repeat(memory_valid.astype(bool), p, axis=1),
                             jnp.broadcast_to(patch_mask, (batch, p + 1))], axis=1)
     align = jax.lax.dynamic_index_in_dim(self.align_bias, j, axis=1, keepdims=False)  # [H, P]
-    mem_bias = (self.offset_bias[:, :, None] + align[:, None, :]).reshape(self.num_heads, k * p)
-    bias = jnp.concatenate([mem_bias, jnp.zeros((self.num_heads, p + 1))], axis=1)
+    if memory_offset is None:
+      offset_bias = self.offset_bias[None]  # [1, H, K]
+    else:
+      offset_bias = jnp.take(self.offset_bias, memory_offset, axis=1).transpose(1, 0, 2)
+    rows = offset_bias.shape[0]
+    mem_bias = (offset_bias[:, :, :, None] + align[None, :, None, :]).reshape(
+        rows, self.num_heads, k * p)
+    bias = jnp.concatenate([mem_bias, jnp.zeros((rows, self.num_heads, p + 1))], axis=2)
     context_mask = None if text_context_mask is None else text_context_mask[:, None, None, :]
-    x, cache = self.decoder(x, mask[:, None, None, :], bias[None, :, None, :], text_context,
+    x, cache = self.decoder(x, mask[:, None, None, :], bias[:, :, None, :], text_context,
                             context_mask, cache=cache, cache_index=k * p + j)
     logits = self.head(self.ln_final(x))[:, 0]
     return logits.astype(jnp.float32), cache

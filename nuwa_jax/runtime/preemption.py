@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -38,3 +40,11 @@ class PreemptionWatcher:
           self._warned = True
         return False
     return self._flag.is_set()
+
+
+def time_is_up(t_start: float, budget: float) -> bool:
+  """Whether `budget` seconds have passed since `t_start`, decided by process 0 for all."""
+  up = time.time() - t_start >= budget
+  if jax.process_count() > 1:
+    up = bool(multihost_utils.broadcast_one_to_all(np.asarray(up)))
+  return up

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any
 
 import jax
@@ -40,7 +41,7 @@ from nuwa_jax.runtime import sharding as shd
 from nuwa_jax.runtime.checkpoint import Checkpointer
 from nuwa_jax.runtime.metrics import AsyncMetrics, MetricWriter
 from nuwa_jax.runtime.optimizer import SCHEDULES, make_optimizer
-from nuwa_jax.runtime.preemption import PreemptionWatcher
+from nuwa_jax.runtime.preemption import PreemptionWatcher, time_is_up
 from nuwa_jax.runtime.train_state import ShardedState, TrainState
 from nuwa_jax.trainers.baseline import image_token_loss
 
@@ -448,7 +449,12 @@ def unigram_nll(source, vocab: int, examples: int = 256) -> float:
 # ----------------------------------------------------------------------------------------
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Render-and-optimize (or full-chain) training, resuming from workdir/checkpoints."""
+  """Render-and-optimize (or full-chain) training, resuming from workdir/checkpoints.
+
+  Stops after `config.total_steps` updates, on pre-emption, or at the first chain end after
+  `config.max_train_seconds` (> 0) of wall time since this call (checkpoint and evaluation
+  then as at the last step)."""
+  t_start = time.time()
   validate(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   logging.info("mesh: %s", mesh_lib.describe(mesh))
@@ -471,7 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                   config.total_steps)
   chain_steps: dict[int, Any] = {}
   pool = new_pool(built)
-  last_saved, stop = step, False
+  last_saved, stop, out_of_time = step, False, False
+  budget = float(config.get("max_train_seconds", 0) or 0)
   try:
     while step < last and not stop:
       chain = next_chain(config, batches, config.order)
@@ -492,17 +499,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           if step >= last:
             break
       stop = preemption.should_stop(step)
+      out_of_time = bool(budget) and time_is_up(t_start, budget)
+      end = step >= last or out_of_time
       # Checkpoints only at chain boundaries: the pool never needs saving.
       due = step // config.checkpoint.every_steps > last_saved // config.checkpoint.every_steps
-      if due or stop or step >= last:
+      if due or stop or end:
         ckpt.maybe_save(step, state, batches.state(), force=True)
         last_saved = step
       if step // config.eval.every_steps > (step - chain.num_steps) // config.eval.every_steps \
-          or step >= last:
+          or end:
         metrics.flush()
         scores = evaluate(config, built, state.params, eval_source)
         writer.write(step, scores)
         logging.info("step %d eval %s", step, scores)
+      if out_of_time and step < last:
+        logging.warning("config.max_train_seconds=%g reached at step %d of %d: checkpoint "
+                        "saved, stopping.", budget, step, last)
+        break
     metrics.flush()
     if stop:
       logging.warning("pre-empted: checkpoint of step %d saved, exiting.", step)

@@ -44,7 +44,7 @@ from nuwa_jax.runtime import sharding as shd
 from nuwa_jax.runtime.checkpoint import Checkpointer
 from nuwa_jax.runtime.metrics import AsyncMetrics, MetricWriter
 from nuwa_jax.runtime.optimizer import make_schedule
-from nuwa_jax.runtime.preemption import PreemptionWatcher
+from nuwa_jax.runtime.preemption import PreemptionWatcher, time_is_up
 from nuwa_jax.runtime.train_state import ShardedState, TrainState, compile_step
 
 # ----------------------------------------------------------------------------------------
@@ -430,15 +430,6 @@ def recon_grid(held_out: dict[str, np.ndarray], recon: dict[str, np.ndarray],
 # ----------------------------------------------------------------------------------------
 # Loop
 # ----------------------------------------------------------------------------------------
-
-def time_is_up(t_start: float, budget: float) -> bool:
-  """Whether `budget` seconds have passed since `t_start`, decided by process 0 for all."""
-  up = time.time() - t_start >= budget
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    up = bool(multihost_utils.broadcast_one_to_all(np.asarray(up)))
-  return up
-
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
