@@ -35,8 +35,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "demo", "Where everything goes.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies the training steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
-VQGAN_STEPS, VQGAN_MINUTES = 3000, 8.0  # whichever comes first (configs/vqgan.py)
-NUWA_STEPS = 12000
+# Each trainer stops at its step count or its time budget, whichever comes first.
+VQGAN_STEPS, VQGAN_MINUTES = 3000, 7.0
+NUWA_STEPS, NUWA_MINUTES = 12000, 7.0
 CLIPS = dict(num_train=400, num_test=20, height=64, width=64, frames=8)
 SHORT_SIDE = {"photos": 128, "scenes": 64, "clips": 64}  # pixels before tokenising
 # Patch grids (frames, rows, cols) the model trains on; each batch uses one that fits.
@@ -200,7 +201,8 @@ def main(argv):
 
   t = _stage("3/5 tokens")
   nuwa = nuwa_config.get_config(f"size=tiny,data=token_grids,"
-                                f"steps={max(1, int(NUWA_STEPS * _SCALE.value))}")
+                                f"steps={max(1, int(NUWA_STEPS * _SCALE.value))},"
+                                f"minutes={NUWA_MINUTES * _SCALE.value}")
   folders = pretokenize_all(workdir, data_dir, vq_dir, builders, spm, nuwa.model.text_len)
   times["tokens"] = time.time() - t
 

@@ -66,6 +66,23 @@ def test_cached_sampling_gives_the_tokens_of_uncached_sampling(small_model):
     assert not np.array_equal(outs[0][0], outs[0][1])  # the batch rows differ
 
 
+def test_unrolled_model_computes_what_the_scanned_model_computes(small_model):
+  """The samplers decode with the layers unrolled (`nuwa.unrolled`): same logits and pool
+  entries as the scanned model the params came from."""
+  from nuwa_jax.models import nuwa
+  model, params = small_model
+  flat, flat_params = nuwa.unrolled(model, params)
+  assert model.scan_layers and not flat.scan_layers and "layer_1" in flat_params["decoder"]
+  rng = np.random.default_rng(1)
+  args = (jnp.asarray(rng.integers(0, VOCAB, (2, 4)), jnp.int32),
+          jnp.asarray(rng.normal(size=(2, 2, model.num_context, 4, 32)), jnp.float32),
+          jnp.asarray(rng.random((2, model.num_context)) < 0.5),
+          jnp.asarray(np.repeat(TEXT, 2, 0)), jnp.ones((2, TEXT_LEN), bool))
+  for a, b in zip(model.apply({"params": params}, *args),
+                  flat.apply({"params": flat_params}, *args)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_compact_context_samples_what_one_entry_per_offset_samples(small_model):
   """The sampler's M compact entries (14 of K = 27 for extent (1, 1, 1): rings reach 14) give
   the tokens of attending to all K offsets, on a video canvas where patches have up to 13

@@ -191,6 +191,31 @@ def _memory_projection_bwd(dtype, res, g):
 memory_projection.defvjp(_memory_projection_fwd, _memory_projection_bwd)
 
 
+def cached_attention(q, keys, values, mask=None, bias=None):
+  """`dot_product_attention` of few queries q [B, Lq, H, D] over head-major cached keys and
+  values, each given in parts (k_i, v_i [B, H, L_i, D], concatenated along L: mask and bias
+  cover sum L_i), read where they lie: no transpose of L x D per head per step, as the
+  token-major layout needs, and no concatenation of the parts. float32 softmax; returns
+  [B, Lq, H, D]."""
+  qh = jnp.swapaxes(q, 1, 2)  # [B, H, Lq, D], small
+  logits = jnp.concatenate([jax.lax.dot_general(
+      qh.astype(k.dtype), k, (((3,), (3,)), ((0, 1), (0, 1))),
+      preferred_element_type=jnp.float32) for k in keys], axis=-1)
+  logits = logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, NEG_INF)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out, start = 0.0, 0
+  for v in values:
+    w = jax.lax.slice_in_dim(weights, start, start + v.shape[2], axis=3).astype(v.dtype)
+    out = out + jax.lax.dot_general(w, v, (((3,), (2,)), ((0, 1), (0, 1))),
+                                    preferred_element_type=jnp.float32)  # [B, H, Lq, D]
+    start += v.shape[2]
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head attention; self-attention when `kv` is None, else cross-attention."""
   num_heads: int
@@ -224,16 +249,21 @@ class Attention(nn.Module):
                memory=None, kv_only: bool = False):
     """Args:
       x: [B, Lq, D] queries (and keys/values when `kv` is None).
-      cache: (k, v) [B, M, H, Dh] already-projected keys and values (incremental decoding);
-        the keys and values of x are written into it at `cache_index` and the queries attend
-        to the whole cache (mask/bias cover M). Returns (out, cache) then.
+      cache: (k, v) [B, H, M, Dh] (head-major) already-projected keys and values
+        (incremental decoding); the keys and values of x are written into it at
+        `cache_index` and the queries attend to the whole cache (mask/bias cover M) without
+        moving it. Returns (out, cache) then. Or (k0, v0, k, v): read-only keys and values
+        k0, v0 [B, H, C, Dh] (a segment's context) before the written ones (mask and bias
+        cover C + M): a decoding loop then carries only the small written part (XLA:CPU
+        copies loop-carried buffers that it updates and feeds to a dot, every step).
       memory: (xhat [B, M, D], scale [D], bias [D]): M memory rows, normalised by
         `layer_normalize`, and the LayerNorm scale and bias that x went through; their keys and
         values (`memory_projection`, no gradient into xhat) go before those of x.
-      kv_only: return this layer's (keys, values) of `memory` only (to fill a cache).
+      kv_only: return this layer's (keys, values) of `memory` only, head-major
+        [B, H, M, Dh] (to fill a cache).
     """
     if kv_only:
-      return self._memory_kv(memory)
+      return tuple(jnp.swapaxes(a, 1, 2) for a in self._memory_kv(memory))
     kv = x if kv is None else kv
     q = constrain(self.query(x), ("batch", "length", "act_heads", "act_kv"))
     k = constrain(self.key(kv), ("batch", "length", "act_heads", "act_kv"))
@@ -243,10 +273,13 @@ class Attention(nn.Module):
       k = jnp.concatenate([k_memory, k], axis=1)
       v = jnp.concatenate([v_memory, v], axis=1)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
-      cache = (k, v)
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias)
+      fixed, written = cache[:-2], tuple(jax.lax.dynamic_update_slice_in_dim(
+          c, jnp.swapaxes(a, 1, 2).astype(c.dtype), cache_index, 2)
+                                         for c, a in zip(cache[-2:], (k, v)))
+      cache = fixed + written
+      out = cached_attention(q, cache[0::2], cache[1::2], mask=mask, bias=bias)
+    else:
+      out = dot_product_attention(q, k, v, mask=mask, bias=bias)
     out = constrain(self.out(out), ("batch", "length", "act_embed"))
     return out if cache is None else (out, cache)
 
@@ -298,7 +331,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, mask, bias=None, context=None, context_mask=None, memory=None,
                deterministic: bool = True, cache=None, cache_index=None,
                memory_kv_only: bool = False):
-    """Incremental decoding: `cache` (k, v) [B, M, H, Dh] of this layer, x the new positions
+    """Incremental decoding: `cache` (k, v) [B, H, M, Dh] of this layer, x the new positions
     (written at `cache_index`), returns (x, cache). `memory_kv_only`: returns the keys and
     values this layer's self-attention would compute from `x` used as memory."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -359,10 +392,13 @@ class DecoderStack(nn.Module):
                memory_kv_only: bool = False):
     """Training / teacher forcing: `(x, mask, bias, context, context_mask, memory)`.
 
-    Incremental decoding (inference only, no remat): `cache` = (k, v) [depth, B, M, H, Dh],
-    x [B, T, D] the new positions written at `cache_index`; returns (x, cache).
-    `memory_kv_only`: x is memory [depth, B, M, D]; returns each layer's (k, v) of it,
-    [depth, B, M, H, Dh] (to fill a cache once and reuse it for many decoding steps).
+    Incremental decoding (inference only, no remat): `cache` holds each layer's (k, v)
+    [B, H, M, Dh] (head-major) — a tuple of `depth` pairs when the layers are unrolled (each
+    written in place: use this for sampling), one stacked pair [depth, B, H, M, Dh] when they
+    are scanned (every step then copies the layer slices in and out) —, x [B, T, D] the new
+    positions written at `cache_index`; returns (x, cache).
+    `memory_kv_only`: x is memory [depth, B, M, D]; returns each layer's (k, v) of it in the
+    cache's form (to fill a cache once and reuse it for many decoding steps).
     """
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}.")
@@ -412,8 +448,8 @@ class DecoderStack(nn.Module):
     else:
       outs = []
       for i in range(self.depth):
-        layer = jax.tree.map(lambda a, i=i: a[i], xs)
+        layer = jax.tree.map(lambda a, i=i: a[i], xs) if memory_kv_only else xs[i]
         carry, y = apply(block(name=f"layer_{i}", **kw), carry, layer)
         outs.append(y)
-      ys = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      ys = tuple(outs)  # per layer: no stacking (a copy of the whole cache every step)
     return ys if memory_kv_only else (carry, ys)

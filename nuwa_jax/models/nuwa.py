@@ -217,18 +217,24 @@ class Model(nn.Module):
     return logits, inputs
 
   # -- Incremental decoding (sampling; see nuwa_jax/sampler.py) -----------------------------
-  # The cache of one patch holds, per layer, the keys and values of the K context entries
-  # (projected once per patch from the pool) followed by those of the patch positions
-  # [bos, t_0, ..., t_{P-1}] written one at a time: [depth, B, K*P + P + 1, H, Dh].
+  # The cache of one patch holds, per layer, (k0, v0, k, v), head-major: the keys and values
+  # of the M context entries [B, H, M*P, Dh] (projected once per patch from the pool,
+  # read-only) and those of the patch positions [bos, t_0, ..., t_{P-1}] [B, H, P + 1, Dh],
+  # written one at a time. A tuple of depth such layers with unrolled layers, stacked with
+  # scanned ones (see DecoderStack); samplers use an unrolled model (`unrolled`) and carry
+  # only (k, v) through their token loop.
 
   def context_cache(self, memory):
-    """memory [depth, B, K, P, D] → the patch's cache with the context entries filled in."""
+    """memory [depth, B, M, P, D] → the patch's cache with the context entries filled in."""
     depth, batch, k, p, d = memory.shape
     dtype = _dtype(self.dtype)
     kv = self.decoder(memory.reshape(depth, batch, k * p, d).astype(dtype), None,
                       memory_kv_only=True)
-    return jax.tree.map(
-        lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, self.patch_tokens + 1), (0, 0), (0, 0))), kv)
+    def with_patch(layer):  # (k0, v0) → (k0, v0, k, v); L is the second last axis
+      zeros = [jnp.zeros(a.shape[:-2] + (self.patch_tokens + 1, a.shape[-1]), a.dtype)
+               for a in layer]
+      return tuple(layer) + tuple(zeros)
+    return with_patch(kv) if self.scan_layers else tuple(with_patch(layer) for layer in kv)
 
   def decode_token(self, cache, j, prev_token, memory_valid, text_context=None,
                    text_context_mask=None, memory_offset=None):
@@ -262,6 +268,19 @@ class Model(nn.Module):
     bias = jnp.concatenate([mem_bias, jnp.zeros((rows, self.num_heads, p + 1))], axis=2)
     context_mask = None if text_context_mask is None else text_context_mask[:, None, None, :]
     x, cache = self.decoder(x, mask[:, None, None, :], bias[:, :, None, :], text_context,
-                            context_mask, cache=cache, cache_index=k * p + j)
+                            context_mask, cache=cache, cache_index=j)
     logits = self.head(self.ln_final(x))[:, 0]
     return logits.astype(jnp.float32), cache
+
+
+def unrolled(model: Model, params):
+  """(model, params) with the decoder's layers unrolled: a scanned model's stacked layer
+  parameters [depth, ...] split into `layer_i` entries (the same function; what incremental
+  decoding wants, see DecoderStack). Unrolled models are returned as they are."""
+  if not model.scan_layers:
+    return model, params
+  decoder = dict(params["decoder"])
+  stacked = decoder.pop("layers")
+  for i in range(model.depth):
+    decoder[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return model.clone(scan_layers=False), {**params, "decoder": decoder}
