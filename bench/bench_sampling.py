@@ -19,11 +19,12 @@ then a summary line per section. From the repo root:
   warm_decoder compiles the decoder in compile_seconds); ms_per_patch_steady: mean time between
   finished columns / rows, first column out. Target: widest peak RSS <= 1.15 x narrowest.
 --section=speed: a 16x64-token canvas (1x4 patches of 16x16), width 512, depth 8, heads 8, mlp
-  2048, vocab 1024, no text, extent (0,1,1) (K = 9 entries, 2304 context tokens), random params,
-  batch 1, top-k 100 (as the peer). --samplers NAME=N: N patches (NUWA) or tokens (sliding, peer)
+  2048, vocab 1024, no text, extent (0,1,1) (K = 9 offsets; the sampler attends to M = 5
+  compact entries, 1280 context tokens), random params, batch 1, top-k 100 (as the peer). --samplers NAME=N: N patches (NUWA) or tokens (sliding, peer)
   are timed, 0 = all, fewer are extrapolated (every patch/token costs the same). cached:
-  nuwa_jax.sampler.PatchSampler as is (cache [depth, B, M, H, Dh]); uncached: PatchSampler(
-  cached=False), the full teacher-forced forward per token; sliding: taming's loop in JAX, a GPT
+  nuwa_jax.sampler.PatchSampler as is (per layer a head-major cache); uncached: PatchSampler(
+  cached=False), the full teacher-forced forward per token; cached_b<N>: cached with a batch
+  of N canvases (tokens/s counts all N); sliding: taming's loop in JAX, a GPT
   of the same size (models/baseline.py, 16x16 image) on the 256-token window for every token,
   placed by local_offset; peer: shared/peers/bench_sliding_window.py (minGPT, torch, f32).
   tokens_per_s (wall) and tokens_per_cpu_s (CPU time, less sensitive to other jobs) exclude
@@ -126,8 +127,9 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
   from nuwa_jax.sampler import PatchSampler, SamplingOptions, choose
   (h, w), win = CANVAS, SPEED["patch_rows"]
   t0, spec, options = time.time(), jax.ShapeDtypeStruct, SamplingOptions(top_k=TOP_K)
-  if kind != "sliding":
-    canvas = gen.make_canvas("unconditional", (win, SPEED["patch_cols"]), 1, h, w)
+  if kind != "sliding":  # cached, cached_b<N> (a batch of N canvases at once), uncached
+    batch = int(kind.split("_b")[1]) if "_b" in kind else 1
+    canvas = gen.make_canvas("unconditional", (win, SPEED["patch_cols"]), batch, h, w)
     slots = context_pool.make_schedule(canvas.order, SPEED["extent"]).peak_occupancy
     model = nuwa.Model(**SPEED, dtype=dtype, pool_slots=slots)
     p, k = model.patch_tokens, model.num_context
@@ -135,12 +137,13 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
         jax.random.key(0), jnp.zeros((1, p), jnp.int32),
         jnp.zeros((model.depth, 1, k, p, model.width)), jnp.zeros((1, k), bool)))["params"]
     setup_s, t0 = time.time() - t0, time.time()
-    sampler = PatchSampler(model, params, 1, SamplingOptions(top_k=TOP_K,
-                                                             cached=kind != "uncached"))
+    sampler = PatchSampler(model, params, batch, SamplingOptions(top_k=TOP_K,
+                                                                 cached=kind != "uncached"))
     patches = min(limit or len(canvas.order), len(canvas.order))
     run = lambda s: gen.generate(sampler, canvas, s, progress=False,  # noqa: E731
                                  stop_after=patches)
-    tokens_done, extra = patches * p, {"pool_slots": slots, "context_entries": k}
+    tokens_done = patches * p * batch
+    extra = {"pool_slots": slots, "context_entries": sampler.entries, "batch": batch}
   else:  # taming's loop (scripts/sample_conditional.py) with a plain GPT of the same size
     model = baseline.Model(text_vocab=1, text_len=0, image_vocab=SPEED["vocab"], image_rows=win,
                   image_cols=win, dtype=dtype, **{k: SPEED[k] for k in ("width", "depth",
@@ -181,7 +184,7 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
     cpu.append((time.process_time() - c0) / seconds[-1])
   med = statistics.median(seconds)
   return {"kind": kind, "dtype": dtype, "tokens_timed": tokens_done, "tokens_canvas": h * w,
-          "extrapolated": tokens_done < h * w, "seconds": seconds,
+          "extrapolated": tokens_done < h * w * extra.get("batch", 1), "seconds": seconds,
           "canvas_seconds": med * h * w / tokens_done, "tokens_per_s": tokens_done / med,
           "tokens_per_cpu_s": tokens_done / statistics.median(np.multiply(seconds, cpu)),
           "setup_s": setup_s, "compile_s": compile_s, "cpu_util": cpu,
@@ -259,7 +262,7 @@ def plot(rows, path: str) -> None:
 
 def section_speed(a) -> dict:
   runs = []
-  dt = lambda k, d: d if k in ("cached", "sliding") else "float32"  # noqa: E731
+  dt = lambda k, d: d if k.startswith("cached") or k == "sliding" else "float32"  # noqa: E731
   for _ in range(a.repeats):
     for kind, n in a.samplers:
       for dtype in sorted({dt(kind, d) for d in a.dtypes}, reverse=True):  # float32 first
