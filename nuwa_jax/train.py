@@ -29,7 +29,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -56,4 +55,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only as a command: importing this module (for its functions) leaves the global
+  # flags of other programs and tests alone.
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=parse_flags)

@@ -55,7 +55,6 @@ _TOPOLOGY = flags.DEFINE_string(
     "v6e:16x16, tpu7x:2x2x1.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None,
                               "HBM per chip in GiB for the fit check; overrides the table.")
-flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 2 ** 30
 
@@ -405,4 +404,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Required only as a command: importing this module (for its functions) leaves the global
+  # flags of other programs and tests alone.
+  flags.mark_flags_as_required(["config", "topology"])
   app.run(main, flags_parser=parse_flags)  # bad flags and config overrides: status 2
