@@ -24,7 +24,7 @@ then a summary line per section. From the repo root:
   are timed, 0 = all, fewer are extrapolated (every patch/token costs the same). cached:
   nuwa_jax.sampler.PatchSampler as is (per layer a head-major cache); uncached: PatchSampler(
   cached=False), the full teacher-forced forward per token; cached_b<N>: cached with a batch
-  of N canvases (tokens/s counts all N); sliding: taming's loop in JAX, a GPT
+  of N canvases (tokens/s counts all N; sliding_b<N> likewise); sliding: taming's loop in JAX, a GPT
   of the same size (models/baseline.py, 16x16 image) on the 256-token window for every token,
   placed by local_offset; peer: shared/peers/bench_sliding_window.py (minGPT, torch, f32).
   tokens_per_s (wall) and tokens_per_cpu_s (CPU time, less sensitive to other jobs) exclude
@@ -127,8 +127,8 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
   from nuwa_jax.sampler import PatchSampler, SamplingOptions, choose
   (h, w), win = CANVAS, SPEED["patch_rows"]
   t0, spec, options = time.time(), jax.ShapeDtypeStruct, SamplingOptions(top_k=TOP_K)
-  if kind != "sliding":  # cached, cached_b<N> (a batch of N canvases at once), uncached
-    batch = int(kind.split("_b")[1]) if "_b" in kind else 1
+  batch = int(kind.split("_b")[1]) if "_b" in kind else 1  # <kind>_b<N>: N canvases at once
+  if not kind.startswith("sliding"):  # cached, cached_b<N>, uncached
     canvas = gen.make_canvas("unconditional", (win, SPEED["patch_cols"]), batch, h, w)
     slots = context_pool.make_schedule(canvas.order, SPEED["extent"]).peak_occupancy
     model = nuwa.Model(**SPEED, dtype=dtype, pool_slots=slots)
@@ -148,30 +148,31 @@ def child_speed(kind: str, dtype: str, limit: int, repeats: int) -> dict:
     model = baseline.Model(text_vocab=1, text_len=0, image_vocab=SPEED["vocab"], image_rows=win,
                   image_cols=win, dtype=dtype, **{k: SPEED[k] for k in ("width", "depth",
                                                                         "num_heads", "mlp_dim")})
-    text = jnp.zeros((1, 0), jnp.int32)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), text,
+    text = jnp.zeros((batch, 0), jnp.int32)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), text[:1],
                                                jnp.zeros((1, win * win), jnp.int32)))["params"]
     setup_s, t0 = time.time() - t0, time.time()
 
     def step(params, canvas, where, key):  # where = [i, j, i_start, j_start, index in window]
-      window = jax.lax.dynamic_slice(canvas, (0, where[2], where[3]), (1, win, win))
-      logits = model.apply({"params": params}, text, window.reshape(1, win * win))
+      window = jax.lax.dynamic_slice(canvas, (0, where[2], where[3]), (batch, win, win))
+      logits = model.apply({"params": params}, text, window.reshape(batch, win * win))
       logits = jax.lax.dynamic_index_in_dim(logits, where[4], axis=1, keepdims=False)
       return canvas.at[:, where[0], where[1]].set(choose(logits, key, options))
 
     compiled = jax.jit(step, donate_argnums=(1,)).lower(
-        jax.tree.map(lambda a: spec(a.shape, a.dtype), params), spec((1, h, w), jnp.int32),
+        jax.tree.map(lambda a: spec(a.shape, a.dtype), params), spec((batch, h, w), jnp.int32),
         spec((5,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0))).compile()
     local = lambda pos, size: (pos if pos <= win // 2 else  # noqa: E731  taming's local_offset
                                win - (size - pos) if size - pos < win // 2 else win // 2)
     places = [jnp.asarray([i, j, i - local(i, h), j - local(j, w),
                            local(i, h) * win + local(j, w)], jnp.int32)
               for i in range(h) for j in range(w)]
-    tokens_done, extra = min(limit or h * w, h * w), {}
+    steps = min(limit or h * w, h * w)
+    tokens_done, extra = steps * batch, {"batch": batch}
 
     def run(seed):
-      canvas, key = jnp.zeros((1, h, w), jnp.int32), jax.random.key(seed)
-      for t in range(tokens_done):
+      canvas, key = jnp.zeros((batch, h, w), jnp.int32), jax.random.key(seed)
+      for t in range(steps):
         canvas = compiled(params, canvas, places[t], jax.random.fold_in(key, t))
       return canvas
   compile_s, setup_peak = time.time() - t0, vm("VmHWM")
@@ -262,7 +263,7 @@ def plot(rows, path: str) -> None:
 
 def section_speed(a) -> dict:
   runs = []
-  dt = lambda k, d: d if k.startswith("cached") or k == "sliding" else "float32"  # noqa: E731
+  dt = lambda k, d: d if k.startswith(("cached", "sliding")) else "float32"  # noqa: E731
   for _ in range(a.repeats):
     for kind, n in a.samplers:
       for dtype in sorted({dt(kind, d) for d in a.dtypes}, reverse=True):  # float32 first
