@@ -161,9 +161,14 @@ def test_cpu_multiprocess_runs_every_process(fake_entry_env):
                   "--workdir=/tmp/w", env=fake_entry_env)
   assert result.returncode == 0, result.stdout + result.stderr
   lines = result.stdout.splitlines()
+  # The parent's other XLA flags are kept (e.g. nuwa_jax/runtime/xla_flags.py's), its device
+  # count replaced.
+  kept = " ".join(f for f in fake_entry_env.get("XLA_FLAGS", "").split()
+                  if not f.startswith("--xla_force_host_platform_device_count"))
+  xla = " ".join(filter(None, [kept, "--xla_force_host_platform_device_count=2"]))
   for i in range(2):
     expected = (f"[p{i}] id={i} n=2 coord=127.0.0.1:23457 workdir=/tmp/w "
-                "xla=--xla_force_host_platform_device_count=2 platforms=cpu")
+                f"xla={xla} platforms=cpu")
     assert any(line.endswith(expected) for line in lines), result.stdout
 
 
