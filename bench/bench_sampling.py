@@ -20,13 +20,14 @@ then a summary line per section. From the repo root:
   finished columns / rows, first column out. Target: widest peak RSS <= 1.15 x narrowest.
 --section=speed: a 16x64-token canvas (1x4 patches of 16x16), width 512, depth 8, heads 8, mlp
   2048, vocab 1024, no text, extent (0,1,1) (K = 9 offsets; the sampler attends to M = 5
-  compact entries, 1280 context tokens), random params, batch 1, top-k 100 (as the peer). --samplers NAME=N: N patches (NUWA) or tokens (sliding, peer)
-  are timed, 0 = all, fewer are extrapolated (every patch/token costs the same). cached:
-  nuwa_jax.sampler.PatchSampler as is (per layer a head-major cache); uncached: PatchSampler(
-  cached=False), the full teacher-forced forward per token; cached_b<N>: cached with a batch
-  of N canvases (tokens/s counts all N; sliding_b<N> likewise); sliding: taming's loop in JAX, a GPT
-  of the same size (models/baseline.py, 16x16 image) on the 256-token window for every token,
-  placed by local_offset; peer: shared/peers/bench_sliding_window.py (minGPT, torch, f32).
+  compact entries, 1280 context tokens), random params, batch 1, top-k 100 (as the peer).
+  --samplers NAME=N: N patches (NUWA) or tokens (sliding, peer) are timed, 0 = all, fewer
+  are extrapolated (every patch/token costs the same). cached: nuwa_jax.sampler.PatchSampler
+  as is (per layer a head-major cache); uncached: PatchSampler(cached=False), the full
+  teacher-forced forward per token; cached_b<N>: cached with a batch of N canvases (tokens/s
+  counts all N; sliding_b<N> likewise); sliding: taming's loop in JAX, a GPT of the same size
+  (models/baseline.py, 16x16 image) on the 256-token window for every token, placed by
+  local_offset; peer: shared/peers/bench_sliding_window.py (minGPT, torch, f32).
   tokens_per_s (wall) and tokens_per_cpu_s (CPU time, less sensitive to other jobs) exclude
   compile (compile_s); peak_rss_mb: VmHWM (peer: ru_maxrss), sampling_peak_rss_mb: reset after
   setup. --threads 1: all on core 1 (taskset), one thread. Summary: medians; ratios [wall, CPU]

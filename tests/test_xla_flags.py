@@ -1,6 +1,7 @@
 """The library's XLA:CPU defaults (nuwa_jax/runtime/xla_flags.py): YNNPACK fusions off on CPUs
 without AMX, unless the user chose otherwise; and they take effect in a fresh process."""
 
+import os
 import subprocess
 import sys
 
@@ -22,14 +23,12 @@ def fresh(monkeypatch):
 def test_adds_the_option_and_keeps_other_flags(fresh):
   fresh.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   assert xla_flags.apply_cpu_defaults() == xla_flags.YNN_OFF
-  import os
   assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
                                      + xla_flags.YNN_OFF)
 
 
 @pytest.mark.parametrize("case", ["user_flag", "opt_out", "amx", "started"])
 def test_leaves_flags_alone(fresh, case):
-  import os
   fresh.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot"
                if case == "user_flag" else "")
   if case == "opt_out":

@@ -26,6 +26,9 @@ def partitioned(init: Callable, *names: str | None) -> Callable:
   return nn.with_logical_partitioning(init, names)
 
 
+LAYER_NORM_EPSILON = 1e-6  # LayerNorm's and layer_normalize's
+
+
 class LayerNorm(nn.Module):
   """LayerNorm whose scale and bias are named (`norm`,) for the sharding rules."""
   dtype: Dtype = jnp.float32
@@ -33,7 +36,8 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
+                        param_dtype=self.param_dtype,
                         scale_init=partitioned(nn.initializers.ones, "norm"),
                         bias_init=partitioned(nn.initializers.zeros, "norm"))(x)
 
@@ -145,8 +149,8 @@ def dot_product_attention(q, k, v, mask=None, bias=None):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def layer_normalize(x, epsilon: float = 1e-6):
-  """nn.LayerNorm's normalisation (before scale and bias), in float32."""
+def layer_normalize(x, epsilon: float = LAYER_NORM_EPSILON):
+  """`LayerNorm`'s normalisation (before scale and bias), in float32."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)

@@ -2,11 +2,11 @@
 
 XLA:CPU (jaxlib 0.10.2) hands dots, reductions and elementwise ops to YNNPACK fusions. On a
 CPU without AMX (measured on a 2-core AMD EPYC, Zen 3, AVX2, 2026-12-01) that is slower for
-every step this library runs: the NUWA-Infinity train step 1.20x (bf16 1.41x, no context
-1.12x), the VQGAN train step 1.27x, sampling unchanged (bench/README.md). There the library
-turns them off, `--xla_cpu_experimental_ynn_fusion_type=` (an empty list). On CPUs with AMX
-(where bf16 dots were 5x faster than f32 with XLA's defaults) it keeps the defaults: not
-measured there.
+every step this library runs: the NUWA-Infinity train step 1.32x side by side (f32 9.82 ->
+7.44 s; bf16 11.0 -> 7.8 s in separate runs), the VQGAN train step 1.27x, sampling unchanged
+(BUILD_NOTES.md, "Build"; bench/README.md). There the library turns them off,
+`--xla_cpu_experimental_ynn_fusion_type=` (an empty list). On CPUs with AMX (where bf16 dots
+were 5x faster than f32 with XLA's defaults) it keeps the defaults: not measured there.
 
 Nothing is changed when XLA_FLAGS already names the option, when NUWA_JAX_XLA_DEFAULTS=1 is
 set, or when JAX's backends are already initialised (flags are read once, at start-up).

@@ -477,7 +477,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                   config.total_steps)
   chain_steps: dict[int, Any] = {}
   pool = new_pool(built)
-  last_saved, stop, out_of_time = step, False, False
+  last_saved, stop = step, False
   budget = float(config.get("max_train_seconds", 0) or 0)
   try:
     while step < last and not stop:
