@@ -196,28 +196,38 @@ memory_projection.defvjp(_memory_projection_fwd, _memory_projection_bwd)
 
 
 def cached_attention(q, keys, values, mask=None, bias=None):
-  """`dot_product_attention` of few queries q [B, Lq, H, D] over head-major cached keys and
-  values, each given in parts (k_i, v_i [B, H, L_i, D], concatenated along L: mask and bias
-  cover sum L_i), read where they lie: no transpose of L x D per head per step, as the
-  token-major layout needs, and no concatenation of the parts. float32 softmax; returns
-  [B, Lq, H, D]."""
-  qh = jnp.swapaxes(q, 1, 2)  # [B, H, Lq, D], small
+  """`dot_product_attention` of few queries q [B, Lq, H, D] over cached keys and values with
+  batch and heads merged, each given in parts (k_i, v_i [B*H, L_i, D], concatenated along L:
+  mask and bias [B or 1, H or 1, Lq, sum L_i] cover them all), read where they lie: no
+  transpose of L x D per head per step, as the token-major layout needs, and no
+  concatenation of the parts. One batch axis, because XLA:CPU copies a loop-carried
+  [B, H, L, D] buffer (several times) every step when a batched dot reads it after an
+  in-place update; [B*H, L, D] it updates in place. float32 softmax; returns [B, Lq, H, D]."""
+  b, lq, h, d = q.shape
+  merge = lambda a: jnp.broadcast_to(a, (b, h) + a.shape[2:]).reshape((b * h,) + a.shape[2:])  # noqa: E731
+  qh = jnp.swapaxes(q, 1, 2).reshape(b * h, lq, d)  # small
   logits = jnp.concatenate([jax.lax.dot_general(
-      qh.astype(k.dtype), k, (((3,), (3,)), ((0, 1), (0, 1))),
+      qh.astype(k.dtype), k, (((2,), (2,)), ((0,), (0,))),
       preferred_element_type=jnp.float32) for k in keys], axis=-1)
-  logits = logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  logits = logits / jnp.sqrt(d).astype(jnp.float32)
   if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
+    logits = logits + merge(bias.astype(jnp.float32))
   if mask is not None:
-    logits = jnp.where(mask, logits, NEG_INF)
+    logits = jnp.where(merge(mask), logits, NEG_INF)
   weights = jax.nn.softmax(logits, axis=-1)
   out, start = 0.0, 0
   for v in values:
-    w = jax.lax.slice_in_dim(weights, start, start + v.shape[2], axis=3).astype(v.dtype)
-    out = out + jax.lax.dot_general(w, v, (((3,), (2,)), ((0, 1), (0, 1))),
-                                    preferred_element_type=jnp.float32)  # [B, H, Lq, D]
-    start += v.shape[2]
-  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+    w = jax.lax.slice_in_dim(weights, start, start + v.shape[1], axis=2).astype(v.dtype)
+    out = out + jax.lax.dot_general(w, v, (((2,), (1,)), ((0,), (0,))),
+                                    preferred_element_type=jnp.float32)  # [B*H, Lq, D]
+    start += v.shape[1]
+  return jnp.swapaxes(out.reshape(b, h, lq, d), 1, 2).astype(q.dtype)
+
+
+def merge_heads(a):
+  """Keys or values [B, L, H, D] → the cache layout [B*H, L, D] (`cached_attention`)."""
+  b, l, h, d = a.shape
+  return jnp.swapaxes(a, 1, 2).reshape(b * h, l, d)
 
 
 class Attention(nn.Module):
@@ -253,21 +263,21 @@ class Attention(nn.Module):
                memory=None, kv_only: bool = False):
     """Args:
       x: [B, Lq, D] queries (and keys/values when `kv` is None).
-      cache: (k, v) [B, H, M, Dh] (head-major) already-projected keys and values
+      cache: (k, v) [B*H, M, Dh] (`merge_heads`) already-projected keys and values
         (incremental decoding); the keys and values of x are written into it at
         `cache_index` and the queries attend to the whole cache (mask/bias cover M) without
         moving it. Returns (out, cache) then. Or (k0, v0, k, v): read-only keys and values
-        k0, v0 [B, H, C, Dh] (a segment's context) before the written ones (mask and bias
+        k0, v0 [B*H, C, Dh] (a segment's context) before the written ones (mask and bias
         cover C + M): a decoding loop then carries only the small written part (XLA:CPU
         copies loop-carried buffers that it updates and feeds to a dot, every step).
       memory: (xhat [B, M, D], scale [D], bias [D]): M memory rows, normalised by
         `layer_normalize`, and the LayerNorm scale and bias that x went through; their keys and
         values (`memory_projection`, no gradient into xhat) go before those of x.
-      kv_only: return this layer's (keys, values) of `memory` only, head-major
-        [B, H, M, Dh] (to fill a cache).
+      kv_only: return this layer's (keys, values) of `memory` only, in the cache layout
+        [B*H, M, Dh] (to fill a cache).
     """
     if kv_only:
-      return tuple(jnp.swapaxes(a, 1, 2) for a in self._memory_kv(memory))
+      return tuple(merge_heads(a) for a in self._memory_kv(memory))
     kv = x if kv is None else kv
     q = constrain(self.query(x), ("batch", "length", "act_heads", "act_kv"))
     k = constrain(self.key(kv), ("batch", "length", "act_heads", "act_kv"))
@@ -278,7 +288,7 @@ class Attention(nn.Module):
       v = jnp.concatenate([v_memory, v], axis=1)
     if cache is not None:
       fixed, written = cache[:-2], tuple(jax.lax.dynamic_update_slice_in_dim(
-          c, jnp.swapaxes(a, 1, 2).astype(c.dtype), cache_index, 2)
+          c, merge_heads(a).astype(c.dtype), cache_index, 1)
                                          for c, a in zip(cache[-2:], (k, v)))
       cache = fixed + written
       out = cached_attention(q, cache[0::2], cache[1::2], mask=mask, bias=bias)
@@ -335,7 +345,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, mask, bias=None, context=None, context_mask=None, memory=None,
                deterministic: bool = True, cache=None, cache_index=None,
                memory_kv_only: bool = False):
-    """Incremental decoding: `cache` (k, v) [B, H, M, Dh] of this layer, x the new positions
+    """Incremental decoding: `cache` (k, v) [B*H, M, Dh] of this layer, x the new positions
     (written at `cache_index`), returns (x, cache). `memory_kv_only`: returns the keys and
     values this layer's self-attention would compute from `x` used as memory."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -397,8 +407,8 @@ class DecoderStack(nn.Module):
     """Training / teacher forcing: `(x, mask, bias, context, context_mask, memory)`.
 
     Incremental decoding (inference only, no remat): `cache` holds each layer's (k, v)
-    [B, H, M, Dh] (head-major) — a tuple of `depth` pairs when the layers are unrolled (each
-    written in place: use this for sampling), one stacked pair [depth, B, H, M, Dh] when they
+    [B*H, M, Dh] (`merge_heads`) — a tuple of `depth` pairs when the layers are unrolled (each
+    written in place: use this for sampling), one stacked pair [depth, B*H, M, Dh] when they
     are scanned (every step then copies the layer slices in and out) —, x [B, T, D] the new
     positions written at `cache_index`; returns (x, cache).
     `memory_kv_only`: x is memory [depth, B, M, D]; returns each layer's (k, v) of it in the

@@ -217,9 +217,10 @@ class Model(nn.Module):
     return logits, inputs
 
   # -- Incremental decoding (sampling; see nuwa_jax/sampler.py) -----------------------------
-  # The cache of one patch holds, per layer, (k0, v0, k, v), head-major: the keys and values
-  # of the M context entries [B, H, M*P, Dh] (projected once per patch from the pool,
-  # read-only) and those of the patch positions [bos, t_0, ..., t_{P-1}] [B, H, P + 1, Dh],
+  # The cache of one patch holds, per layer, (k0, v0, k, v), batch and heads merged
+  # (layers.merge_heads): the keys and values of the M context entries [B*H, M*P, Dh]
+  # (projected once per patch from the pool, read-only) and those of the patch positions
+  # [bos, t_0, ..., t_{P-1}] [B*H, P + 1, Dh],
   # written one at a time. A tuple of depth such layers with unrolled layers, stacked with
   # scanned ones (see DecoderStack); samplers use an unrolled model (`unrolled`) and carry
   # only (k, v) through their token loop.
