@@ -10,8 +10,9 @@ r"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimiz
   The PyTorch peer shared/peers/bench_gpt_train.py (GPT d512, 8 layers, 8 heads, vocab 1024,
   seq 256, batch 8, AdamW; minGPT, x-transformers) runs before and after ours, in its venv;
   --peers=xtmems is bench/peer_gpt_memory_train.py: that x-transformers GPT with per-layer
-  memories of --peer-memory tokens (the same work as our context; ratios are against the first
-  peer listed).
+  memories of --peer-memory tokens (the same work as our context; ratios are against the fastest
+  run of the first peer listed, with or without +kept). A peer named impl+kept runs with glibc keeping freed memory (the setting ours
+  runs with, nuwa_jax/runtime/host_memory.py; NUWA_JAX_MALLOC_DEFAULTS=1: ours without it).
   FLOPs/step: matmuls of our traced step (tools/aot.py jaxpr_matmul_flops), the peer's own
   count; MFU against the 2048^3 matmul peak measured first (bf16 in, f32 accumulation).
 --section=chain_vs_patch: configs/nuwa_infinity.py size=tiny, synthetic token grids, one grid
@@ -41,9 +42,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from nuwa_jax.runtime import host_memory  # noqa: E402
+
+if os.environ.get("NUWA_JAX_MALLOC_DEFAULTS") != "1":  # as the train command
+  host_memory.keep_freed_memory()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from configs import nuwa_infinity as nuwa_config
 from nuwa_jax.data.pipeline import HostBatchIterator
@@ -162,6 +168,10 @@ def rates(flops, seconds, peaks):
 
 
 def run_peer(a, impl, peaks):
+  """impl, or impl+kept: the peer with glibc keeping freed memory (host_memory.GLIBC_ENV, the
+  setting our train step runs with)."""
+  impl, _, kept = impl.partition("+")
+  env = dict(os.environ, **(host_memory.GLIBC_ENV if kept else {}))
   python = a.peer_python or os.path.join(
       os.environ.get("PEER_VENV", os.path.expanduser("~/.venvs/peers")), "bin", "python")
   if impl == "xtmems":  # x-transformers with per-layer memories: the same work as ours
@@ -172,8 +182,9 @@ def run_peer(a, impl, peaks):
   cmd += ["--dim", "512", "--depth", "8", "--heads", "8", "--vocab", "1024", "--seq", "256",
           "--batch", str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
           "--threads", str(a.peer_threads)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+  impl += "+kept" if kept else ""
   if out.returncode or not lines:
     return emit({"bench": "peer_gpt_train_step", "impl": impl, "cmd": " ".join(cmd),
                  "error": out.stderr[-2000:]})
@@ -196,7 +207,9 @@ def section_train_step(a):
   for _ in range(a.rounds):  # is shared; several rounds alternate peer and ours
     runs += [bench_nuwa_step(a, v, peaks) for v in a.variants.split(",")]
     runs += [run_peer(a, impl, peaks) for impl in impls]
-  refs = [r for r in runs if impls and r.get("impl") == impls[0] and "error" not in r]
+  base = lambda impl: impl.partition("+")[0]  # noqa: E731  (impl and impl+kept alike)
+  refs = [r for r in runs if impls and base(r.get("impl", "")) == base(impls[0])
+          and "error" not in r]
   ref = max(refs, key=lambda r: r["gflop_per_s"], default=None)  # the peer at its best
   print(f"\nmatmul peak GFLOP/s: bf16 {peaks['bf16']['best']:.0f}, f32 {peaks['f32']['best']:.0f}"
         f"; ratios against the faster {impls[0] if refs else '-'} run")

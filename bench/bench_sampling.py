@@ -23,7 +23,7 @@ then a summary line per section. From the repo root:
   compact entries, 1280 context tokens), random params, batch 1, top-k 100 (as the peer).
   --samplers NAME=N: N patches (NUWA) or tokens (sliding, peer) are timed, 0 = all, fewer
   are extrapolated (every patch/token costs the same). cached: nuwa_jax.sampler.PatchSampler
-  as is (per layer a head-major cache); uncached: PatchSampler(cached=False), the full
+  as is (per layer a [B*H, L, Dh] cache); uncached: PatchSampler(cached=False), the full
   teacher-forced forward per token; cached_b<N>: cached with a batch of N canvases (tokens/s
   counts all N; sliding_b<N> likewise); sliding: taming's loop in JAX, a GPT of the same size
   (models/baseline.py, 16x16 image) on the 256-token window for every token, placed by

@@ -178,7 +178,9 @@ def main(argv):
   from configs import nuwa_infinity as nuwa_config  # pylint: disable=g-import-not-at-top
   from configs import vqgan as vqgan_config  # pylint: disable=g-import-not-at-top
   from nuwa_jax.runtime.logs import quiet_library_logs  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.runtime import host_memory  # pylint: disable=g-import-not-at-top
   quiet_library_logs()
+  host_memory.keep_freed_memory()  # before JAX starts (runtime/host_memory.py)
   workdir = os.path.abspath(_WORKDIR.value)
   data_dir = os.path.join(workdir, "data")
   times, t_all = {}, time.time()

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nuwa_jax.config_utils import parse_flags, write_config
-from nuwa_jax.runtime import distributed
+from nuwa_jax.runtime import distributed, host_memory
 from nuwa_jax.runtime.logs import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
@@ -35,6 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  host_memory.keep_freed_memory()  # before JAX starts (runtime/host_memory.py)
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax  # pylint: disable=g-import-not-at-top  (after distributed init)
   config = _CONFIG.value

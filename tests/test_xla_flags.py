@@ -14,7 +14,7 @@ from conftest import REPO, subprocess_env
 
 @pytest.fixture
 def fresh(monkeypatch):
-  monkeypatch.setattr(xla_flags, "_backends_initialised", lambda: False)
+  monkeypatch.setattr(xla_flags, "backends_initialised", lambda: False)
   monkeypatch.setattr(xla_flags, "_cpu_has_amx", lambda: False)
   monkeypatch.delenv("NUWA_JAX_XLA_DEFAULTS", raising=False)
   return monkeypatch
@@ -36,7 +36,7 @@ def test_leaves_flags_alone(fresh, case):
   if case == "amx":
     fresh.setattr(xla_flags, "_cpu_has_amx", lambda: True)
   if case == "started":
-    fresh.setattr(xla_flags, "_backends_initialised", lambda: True)
+    fresh.setattr(xla_flags, "backends_initialised", lambda: True)
   before = os.environ["XLA_FLAGS"]
   assert xla_flags.apply_cpu_defaults() is None
   assert os.environ["XLA_FLAGS"] == before

@@ -31,7 +31,7 @@ def _cpu_has_amx() -> bool:
   return False
 
 
-def _backends_initialised() -> bool:
+def backends_initialised() -> bool:
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     return bool(getattr(xla_bridge, "_backends", {}))
@@ -43,7 +43,7 @@ def apply_cpu_defaults() -> str | None:
   """Appends the library's XLA:CPU defaults to XLA_FLAGS; returns what it added (or None)."""
   flags = os.environ.get("XLA_FLAGS", "")
   if (os.environ.get("NUWA_JAX_XLA_DEFAULTS") == "1" or "ynn_fusion_type" in flags
-      or _cpu_has_amx() or _backends_initialised()):
+      or _cpu_has_amx() or backends_initialised()):
     return None
   os.environ["XLA_FLAGS"] = (flags + " " + YNN_OFF).strip()
   return YNN_OFF
