@@ -388,3 +388,48 @@ def test_memory_rows_are_projected_without_their_input_gradient(dtype):
   flops = [jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(f))(params, x).jaxpr)
            for f in (ours, reference)]
   assert flops[1] - flops[0] == 2 * (2 * b * m * d * d), flops
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_factored_pool_attention_equals_attention_with_the_materialised_bias(dtype):
+  """layers.pool_attention (factored PoolBias, key parts apart) = dot_product_attention over
+  [memory; current] keys with the [B, H, T, M*P + T] bias and mask built out, in value and in
+  the gradients of queries, keys, values, offset and alignment biases; invalid entries with
+  large logits have no effect."""
+  from nuwa_jax.models import layers
+  b, t, m, p, h, d = 2, 5, 3, 4, 2, 8
+  rng = np.random.default_rng(1)
+  a = lambda *s, scale=1.0: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
+  q, k, v = a(b, t, h, d), a(b, t, h, d), a(b, t, h, d)
+  km, vm = a(b, m * p, h, d, scale=3.0), a(b, m * p, h, d)
+  valid = jnp.asarray([[True, False, True], [False, True, True]])
+  offset, align = jnp.asarray(rng.normal(size=(b, h, m)), jnp.float32), jnp.asarray(
+      rng.normal(size=(h, t, p)), jnp.float32)
+  causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  cot = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+
+  def factored(q, k, v, km, vm, offset, align):
+    out = layers.pool_attention(q, km, vm, k, v, layers.PoolBias(valid, offset, align), causal)
+    return jnp.sum(out.astype(jnp.float32) * cot)
+
+  def materialised(q, k, v, km, vm, offset, align):
+    mem_bias = (offset[:, :, None, :, None] + align[None, :, :, None, :]).reshape(b, h, t, m * p)
+    bias = jnp.concatenate([mem_bias, jnp.zeros((b, h, t, t))], -1)
+    mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(valid, p, 1)[:, None, None], (b, 1, t, m * p)),
+                            jnp.broadcast_to(causal, (b, 1, t, t))], -1)
+    out = layers.dot_product_attention(q, jnp.concatenate([km, k], 1),
+                                       jnp.concatenate([vm, v], 1), mask, bias)
+    return jnp.sum(out.astype(jnp.float32) * cot)
+
+  args = (q, k, v, km, vm, offset, align)
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(factored(*args), materialised(*args), rtol=tol)
+  got, want = (jax.grad(f, argnums=tuple(range(7)))(*args) for f in (factored, materialised))
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, atol=tol * float(np.max(np.abs(w))))
+  # Invalid entries: their keys do not matter at all.
+  km2 = km.at[:, p:2 * p].set(100.0)  # entry 1 (invalid for example 0)
+  out1 = layers.pool_attention(q, km, vm, k, v, layers.PoolBias(valid, offset, align), causal)
+  out2 = layers.pool_attention(q, km2, vm, k, v, layers.PoolBias(valid, offset, align), causal)
+  np.testing.assert_array_equal(np.asarray(out1[0], np.float32), np.asarray(out2[0], np.float32))

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from nuwa_jax.context_pool import num_offsets
-from nuwa_jax.models.layers import KERNEL_INIT, DecoderStack, LayerNorm, partitioned
+from nuwa_jax.models.layers import KERNEL_INIT, DecoderStack, LayerNorm, PoolBias, partitioned
 from nuwa_jax.runtime.sharding import constrain
 
 
@@ -184,6 +184,13 @@ class Model(nn.Module):
                                   memory_offset)
     return logits[:, :p], hidden[:, :, 1:]
 
+  def _offset_bias(self, memory_offset):
+    """[B, H, M] offset bias of each context entry ([1, H, K] without offsets: entry k has
+    offset k)."""
+    if memory_offset is None:
+      return self.offset_bias[None]
+    return jnp.take(self.offset_bias, memory_offset, axis=1).transpose(1, 0, 2)
+
   def _layers(self, x, memory, memory_valid, text, text_mask, train, memory_offset=None):
     """Runs the stack on x [B, T, D] with the context memory; logits and layer inputs."""
     batch, length, _ = x.shape
@@ -192,26 +199,16 @@ class Model(nn.Module):
       raise ValueError(f"memory has {depth} layers x {k} entries, expected {self.depth} x "
                        f"{self.num_context} (or pass memory_offset).")
     memory = memory.reshape(depth, batch, k * p_mem, self.width)
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    mem_mask = jnp.repeat(memory_valid.astype(bool), p_mem, axis=1)  # [B, M*P]
-    mask = jnp.concatenate([jnp.broadcast_to(mem_mask[:, None, :], (batch, length, k * p_mem)),
-                            jnp.broadcast_to(causal, (batch, length, length))], axis=-1)
-    # [B or 1, H, T, M*P + T]: offset bias of the entry + alignment bias of the token; 0
-    # in-patch.
-    if memory_offset is None:
-      offset_bias = self.offset_bias[None]  # [1, H, K]: entry k has offset k
-    else:
-      offset_bias = jnp.take(self.offset_bias, memory_offset, axis=1).transpose(1, 0, 2)
-    rows = offset_bias.shape[0]
-    mem_bias = (offset_bias[:, :, None, :, None] + self.align_bias[None, :, :length, None, :]
-                ).reshape(rows, self.num_heads, length, k * p_mem)
-    bias = jnp.concatenate([mem_bias, jnp.zeros((rows, self.num_heads, length, length))],
-                           axis=3)
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # the patch's own keys
+    # The context's mask and bias in factored form (layers.PoolBias): the offset bias of each
+    # entry and the alignment bias of each of its tokens, never a [B, H, T, M*P] array.
+    pool = PoolBias(memory_valid.astype(bool), self._offset_bias(memory_offset),
+                    self.align_bias[:, :length])
     context = context_mask = None
     if self.text_len:
       context, cmask = self.encode_text(text, text_mask, deterministic=not train)
       context_mask = cmask[:, None, None, :]
-    x, inputs = self.decoder(x, mask[:, None], bias, context, context_mask, memory, not train)
+    x, inputs = self.decoder(x, causal, pool, context, context_mask, memory, not train)
     logits = self.head(self.ln_final(x))
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
     return logits, inputs
@@ -259,10 +256,7 @@ class Model(nn.Module):
     mask = jnp.concatenate([jnp.repeat(memory_valid.astype(bool), p, axis=1),
                             jnp.broadcast_to(patch_mask, (batch, p + 1))], axis=1)
     align = jax.lax.dynamic_index_in_dim(self.align_bias, j, axis=1, keepdims=False)  # [H, P]
-    if memory_offset is None:
-      offset_bias = self.offset_bias[None]  # [1, H, K]
-    else:
-      offset_bias = jnp.take(self.offset_bias, memory_offset, axis=1).transpose(1, 0, 2)
+    offset_bias = self._offset_bias(memory_offset)
     rows = offset_bias.shape[0]
     mem_bias = (offset_bias[:, :, :, None] + align[None, :, None, :]).reshape(
         rows, self.num_heads, k * p)
