@@ -44,8 +44,7 @@ sys.path.insert(0, REPO)
 
 from nuwa_jax.runtime import host_memory  # noqa: E402
 
-if os.environ.get("NUWA_JAX_MALLOC_DEFAULTS") != "1":  # as the train command
-  host_memory.keep_freed_memory()
+host_memory.keep_freed_memory()  # as the train command (NUWA_JAX_MALLOC_DEFAULTS=1: off)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -167,10 +166,10 @@ def rates(flops, seconds, peaks):
           "mfu_vs_f32_peak": gflops / peaks["f32"]["best"]}
 
 
-def run_peer(a, impl, peaks):
-  """impl, or impl+kept: the peer with glibc keeping freed memory (host_memory.GLIBC_ENV, the
-  setting our train step runs with)."""
-  impl, _, kept = impl.partition("+")
+def run_peer(a, name, peaks):
+  """name = impl, or impl+kept: the peer with glibc keeping freed memory (host_memory.GLIBC_ENV,
+  the setting our train step runs with)."""
+  impl, _, kept = name.partition("+")
   env = dict(os.environ, **(host_memory.GLIBC_ENV if kept else {}))
   python = a.peer_python or os.path.join(
       os.environ.get("PEER_VENV", os.path.expanduser("~/.venvs/peers")), "bin", "python")
@@ -184,14 +183,13 @@ def run_peer(a, impl, peaks):
           "--threads", str(a.peer_threads)]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
-  impl += "+kept" if kept else ""
   if out.returncode or not lines:
-    return emit({"bench": "peer_gpt_train_step", "impl": impl, "cmd": " ".join(cmd),
+    return emit({"bench": "peer_gpt_train_step", "impl": name, "cmd": " ".join(cmd),
                  "error": out.stderr[-2000:]})
   r = json.loads(lines[-1])
   fl, sec, util = r["flops_per_step"], r["s_per_step"], r["cpu_util_timed_runs"]["median"]
   flops = fl["measured_fwd_bwd"] or fl["analytic_total"]
-  return emit({"bench": "peer_gpt_train_step", "impl": impl, "cmd": " ".join(cmd),
+  return emit({"bench": "peer_gpt_train_step", "impl": name, "cmd": " ".join(cmd),
                "torch": r["env"]["torch"], "params": r["params"]["total"], "s_per_step": sec,
                "config": {"context_tokens": r.get("config", {}).get("memory", 0)},
                "tokens_per_s": r["tokens_per_s"], "flops_per_step": flops, "flops_detail": fl,

@@ -122,6 +122,18 @@ def dot_general_for(dtype) -> Callable | None:
   return bf16_dot_general if jnp.dtype(dtype) == jnp.bfloat16 else None
 
 
+# [B, Lq, H, D] x [B, Lk, H, D] -> [B, H, Lq, Lk]; [B, H, Lq, Lk] x [B, Lk, H, D] -> [B, H, Lq, D]
+LOGITS_DIMS = (((3,), (3,)), ((0, 2), (0, 2)))
+VALUES_DIMS = (((3,), (1,)), ((0, 1), (0, 2)))
+
+
+def _logits_dot(a, b, dims):
+  """float32 result of an attention dot; bf16 operands accumulate in f32 in both passes."""
+  if a.dtype == b.dtype == jnp.bfloat16:
+    return bf16_dot_general(a, b, dims, out_dtype=jnp.float32)
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def dot_product_attention(q, k, v, mask=None, bias=None):
   """Softmax attention over q [B, Lq, H, D] and k, v [B, Lk, H, D].
 
@@ -133,10 +145,7 @@ def dot_product_attention(q, k, v, mask=None, bias=None):
   """
   depth = q.shape[-1]
   bf16 = q.dtype == k.dtype == v.dtype == jnp.bfloat16
-  if bf16:  # f32 accumulation in both passes (see bf16_dot_general)
-    logits = bf16_dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), out_dtype=jnp.float32)
-  else:
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = _logits_dot(q, k, LOGITS_DIMS)  # f32 accumulation in both passes for bf16
   logits = logits / jnp.sqrt(depth).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -144,7 +153,7 @@ def dot_product_attention(q, k, v, mask=None, bias=None):
     logits = jnp.where(mask, logits, NEG_INF)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   if bf16:
-    out = bf16_dot_general(weights, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, Lq, D]
+    out = bf16_dot_general(weights, v, VALUES_DIMS)  # [B, H, Lq, D]
     return jnp.transpose(out, (0, 2, 1, 3))
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
@@ -159,13 +168,6 @@ class PoolBias(NamedTuple):
   valid: jax.Array
   offset: jax.Array
   align: jax.Array
-
-
-def _logits_dot(a, b, dims):
-  """float32 logits-shaped dot; bf16 operands accumulate in f32 in both passes."""
-  if a.dtype == b.dtype == jnp.bfloat16:
-    return bf16_dot_general(a, b, dims, out_dtype=jnp.float32)
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _ones(n, dtype):
@@ -225,21 +227,18 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   m = pool.valid.shape[1]
   p = k_memory.shape[1] // m
   scale = 1.0 / float(d) ** 0.5
-  logits_dims = (((3,), (3,)), ((0, 2), (0, 2)))  # [B, T, H, D] x [B, L, H, D] -> [B, H, T, L]
-  mem = _logits_dot(q, k_memory, logits_dims).reshape(b, h, t, m, p) * scale
-  mem = _add_pool_bias(mem, pool.offset.astype(jnp.float32),
-                       pool.align[:, :t].astype(jnp.float32))
+  mem = _logits_dot(q, k_memory, LOGITS_DIMS).reshape(b, h, t, m, p) * scale
+  mem = _add_pool_bias(mem, pool.offset.astype(jnp.float32), pool.align.astype(jnp.float32))
   mem = jnp.where(pool.valid[:, None, None, :, None], mem, NEG_INF)
-  own = _logits_dot(q, k, logits_dims) * scale
+  own = _logits_dot(q, k, LOGITS_DIMS) * scale
   if mask is not None:
     own = jnp.where(mask, own, NEG_INF)
   top = jax.lax.stop_gradient(jnp.maximum(jnp.max(mem, axis=(3, 4)), jnp.max(own, axis=3)))
   mem = jnp.exp(mem - top[..., None, None]).reshape(b, h, t, m * p)
   own = jnp.exp(own - top[..., None])
   total = _row_sums(mem) + jnp.sum(own, axis=3)  # [B, H, T]
-  values_dims = (((3,), (1,)), ((0, 1), (0, 2)))  # [B, H, T, L] x [B, L, H, D] -> [B, H, T, D]
-  out = (_logits_dot(mem.astype(v_memory.dtype), v_memory, values_dims)
-         + _logits_dot(own.astype(v.dtype), v, values_dims)) / total[..., None]
+  out = (_logits_dot(mem.astype(v_memory.dtype), v_memory, VALUES_DIMS)
+         + _logits_dot(own.astype(v.dtype), v, VALUES_DIMS)) / total[..., None]
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
