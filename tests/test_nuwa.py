@@ -293,6 +293,33 @@ def _dots(jaxpr, out=None):
   return out
 
 
+@pytest.mark.parametrize("x_shape,w_shape,dims", [
+    ((3, 5, 16), (16, 24), (((2,), (0,)), ((), ()))),            # Dense
+    ((3, 5, 16), (16, 4, 6), (((2,), (0,)), ((), ()))),          # DenseGeneral to heads
+    ((3, 5, 4, 6), (4, 6, 16), (((2, 3), (0, 1)), ((), ()))),    # DenseGeneral from heads
+    ((3, 4, 6, 5), (6, 4, 2), (((1, 2), (1, 0)), ((), ()))),     # contracting axes permuted
+    ((3, 5, 64), (64, 2), (((2,), (0,)), ((), ()))),             # x larger than g
+])
+def test_f32_dot_general_gradients_equal_autodiff(x_shape, w_shape, dims):
+  """layers.f32_dot_general (the f32 Dense layers' dot): same value and gradients as
+  lax.dot_general, its weight gradient taken from a materialised transpose of x, or of the
+  cotangent when x is larger (an optimization_barrier in the backward jaxpr)."""
+  from nuwa_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+  loss = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims)))  # noqa: E731
+  np.testing.assert_allclose(loss(layers.f32_dot_general)(x, w),
+                             loss(jax.lax.dot_general)(x, w), rtol=1e-6)
+  got = jax.grad(loss(layers.f32_dot_general), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(layers.f32_dot_general), argnums=1))(x, w))
+  assert "optimization_barrier" in jaxpr  # the transposed operand is materialised
+
+
 @pytest.mark.parametrize("kind", ["dense", "dense_general_in", "dense_general_out",
                                   "attention"])
 def test_bf16_layers_accumulate_in_f32_forward_and_backward(kind):
@@ -387,7 +414,11 @@ def test_memory_rows_are_projected_without_their_input_gradient(dtype):
     np.testing.assert_allclose(a, w, atol=tol * float(jnp.max(jnp.abs(w))))
   flops = [jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(f))(params, x).jaxpr)
            for f in (ours, reference)]
-  assert flops[1] - flops[0] == 2 * (2 * b * m * d * d), flops
+  # 2 projections: the input gradient of the M rows is not computed; each folds its
+  # LayerNorm bias in with one [D] x [D, H*Dh] product (bias @ kernel) and takes its sums over
+  # the batch ([B] x [B, H*Dh*D]) and the rows ([B*H*Dh, M] x [M]) as matrix-vector products.
+  extra = 2 * d * d + 2 * b * d * d + 2 * b * d * m
+  assert flops[1] - flops[0] == 2 * (2 * b * m * d * d) - 2 * extra, flops
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -408,8 +439,11 @@ def test_factored_pool_attention_equals_attention_with_the_materialised_bias(dty
   causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
   cot = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
 
+  fm = lambda a: jnp.transpose(a, (0, 2, 3, 1))  # noqa: E731  [B, M*P, H, D] -> feature-major
+
   def factored(q, k, v, km, vm, offset, align):
-    out = layers.pool_attention(q, km, vm, k, v, layers.PoolBias(valid, offset, align), causal)
+    out = layers.pool_attention(q, fm(km), fm(vm), k, v, layers.PoolBias(valid, offset, align),
+                                causal)
     return jnp.sum(out.astype(jnp.float32) * cot)
 
   def materialised(q, k, v, km, vm, offset, align):
@@ -430,6 +464,7 @@ def test_factored_pool_attention_equals_attention_with_the_materialised_bias(dty
     np.testing.assert_allclose(g, w, atol=tol * float(np.max(np.abs(w))))
   # Invalid entries: their keys do not matter at all.
   km2 = km.at[:, p:2 * p].set(100.0)  # entry 1 (invalid for example 0)
-  out1 = layers.pool_attention(q, km, vm, k, v, layers.PoolBias(valid, offset, align), causal)
-  out2 = layers.pool_attention(q, km2, vm, k, v, layers.PoolBias(valid, offset, align), causal)
+  pool = layers.PoolBias(valid, offset, align)
+  out1 = layers.pool_attention(q, fm(km), fm(vm), k, v, pool, causal)
+  out2 = layers.pool_attention(q, fm(km2), fm(vm), k, v, pool, causal)
   np.testing.assert_array_equal(np.asarray(out1[0], np.float32), np.asarray(out2[0], np.float32))

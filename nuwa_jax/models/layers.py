@@ -116,15 +116,81 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   return _bf16_dot(lhs, rhs, _canonical(dimension_numbers), jnp.dtype(out_dtype))
 
 
+def weight_grad(x, g, dims):
+  """The second operand's gradient of out = dot_general(x, w, dims) (no batch dims), from
+  the cotangent g, with x's contracting axes (w's input axes) moved first and materialised:
+  the product then contracts x's trailing (row) axes with g's leading ones, an NN matrix
+  product. Autodiff's form contracts both operands' leading axes (TN), which XLA:CPU's Eigen
+  runs at half speed: single-core, [2056, 512]^T x [2056, 2048] took 123 ms TN and 57 ms
+  transposed first (the transpose included; bench/README.md). Exact: the same sums. When x is
+  larger than g, g is transposed instead and the product gives dw^T (also NN)."""
+  dims = _canonical(dims)
+  (xc, _), (xb, _) = dims
+  if xb:
+    raise ValueError("weight_grad: dots with batch dimensions are not supported.")
+  x_free = [a for a in range(x.ndim) if a not in xc]
+  w_ndim = len(xc) + g.ndim - len(x_free)  # g is [x free, w free]
+  _, (((_, g_xfree), _), dw_perm) = _transpose_dims(dims, x.ndim, w_ndim)
+  if x.size > g.size:  # transpose the smaller g instead: dw^T = g^T x, NN as well
+    nxf, nwf = len(x_free), g.ndim - len(x_free)
+    gt = jax.lax.optimization_barrier(jnp.transpose(g, tuple(range(nxf, g.ndim))
+                                                    + tuple(range(nxf))))
+    dwt = jax.lax.dot_general(gt, jnp.transpose(x, x_free + sorted(xc)),
+                              ((tuple(range(nwf, gt.ndim)), tuple(range(nxf))), ((), ())),
+                              preferred_element_type=jnp.float32)  # [w free, xc]
+    dw = jnp.transpose(dwt, tuple(range(nwf, dwt.ndim)) + tuple(range(nwf)))
+  else:
+    xt = jax.lax.optimization_barrier(jnp.transpose(x, sorted(xc) + x_free))
+    dw = jax.lax.dot_general(xt, g, ((tuple(range(len(xc), x.ndim)), g_xfree), ((), ())),
+                             preferred_element_type=jnp.float32)
+  return jnp.transpose(dw, dw_perm)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _f32_dot(x, w, dims):
+  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+def _f32_dot_fwd(x, w, dims):
+  return _f32_dot(x, w, dims), (x, w)
+
+
+def _f32_dot_bwd(dims, res, g):
+  x, w = res
+  (dx_dims, dx_perm), _ = _transpose_dims(dims, x.ndim, w.ndim)
+  dx = jnp.transpose(jax.lax.dot_general(g, w, dx_dims, preferred_element_type=jnp.float32),
+                     dx_perm)
+  return dx.astype(x.dtype), weight_grad(x, g, dims).astype(w.dtype)
+
+
+_f32_dot.defvjp(_f32_dot_fwd, _f32_dot_bwd)
+
+
+def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` of float32 Dense/DenseGeneral layers (no batch dimensions) whose
+  backward pass takes the weight gradient as `weight_grad` does (an NN product after one
+  transpose of the input, 2x faster on XLA:CPU than autodiff's TN form). Other dtypes or
+  dots with batch dimensions: plain `lax.dot_general`."""
+  dims = _canonical(dimension_numbers)
+  if not lhs.dtype == rhs.dtype == jnp.float32 or dims[1][0]:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                               preferred_element_type=preferred_element_type)
+  return _f32_dot(lhs, rhs, dims)
+
+
 def dot_general_for(dtype) -> Callable | None:
   """The `dot_general` of Dense/DenseGeneral layers computing in `dtype`: bf16_dot_general for
-  bfloat16, None (Flax's default `lax.dot_general`) otherwise."""
-  return bf16_dot_general if jnp.dtype(dtype) == jnp.bfloat16 else None
+  bfloat16, f32_dot_general for float32, None (Flax's default `lax.dot_general`) otherwise."""
+  return {jnp.dtype(jnp.bfloat16): bf16_dot_general,
+          jnp.dtype(jnp.float32): f32_dot_general}.get(jnp.dtype(dtype))
 
 
 # [B, Lq, H, D] x [B, Lk, H, D] -> [B, H, Lq, Lk]; [B, H, Lq, Lk] x [B, Lk, H, D] -> [B, H, Lq, D]
 LOGITS_DIMS = (((3,), (3,)), ((0, 2), (0, 2)))
 VALUES_DIMS = (((3,), (1,)), ((0, 1), (0, 2)))
+# the same with feature-major keys / values [B, H, D, Lk] (memory_projection's layout)
+MEMORY_LOGITS_DIMS = (((3,), (2,)), ((0, 2), (0, 1)))
+MEMORY_VALUES_DIMS = (((3,), (3,)), ((0, 1), (0, 1)))
 
 
 def _logits_dot(a, b, dims):
@@ -221,15 +287,19 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   (shared running max, no gradient through it: softmax does not depend on it); normalised
   after the values (an op less on the [B, H, T, M*P] tensors).
 
-  k_memory, v_memory: [B, M*P, H, D]; k, v: [B, T, H, D]; mask: the current keys' mask,
+  k_memory, v_memory: [B, H, D, M*P] (feature-major, as `memory_projection` gives them: the
+  dots then need no transpose of the memory's keys and values, and their gradients come out
+  in that layout); k, v: [B, T, H, D]; mask: the current keys' mask,
   broadcastable to [B, H, T, T] (e.g. causal). Returns [B, T, H, D]."""
   b, t, h, d = q.shape
   m = pool.valid.shape[1]
-  p = k_memory.shape[1] // m
+  p = k_memory.shape[3] // m
   scale = 1.0 / float(d) ** 0.5
-  mem = _logits_dot(q, k_memory, LOGITS_DIMS).reshape(b, h, t, m, p) * scale
-  mem = _add_pool_bias(mem, pool.offset.astype(jnp.float32), pool.align.astype(jnp.float32))
-  mem = jnp.where(pool.valid[:, None, None, :, None], mem, NEG_INF)
+  mem = _logits_dot(q, k_memory, MEMORY_LOGITS_DIMS).reshape(b, h, t, m, p) * scale
+  # Invalid entries get NEG_INF in their per-entry bias: no select on the logits (nor on
+  # their gradient, which is exactly zero there as their softmax weights are).
+  offset = pool.offset.astype(jnp.float32) + jnp.where(pool.valid, 0.0, NEG_INF)[:, None, :]
+  mem = _add_pool_bias(mem, offset, pool.align.astype(jnp.float32))
   own = _logits_dot(q, k, LOGITS_DIMS) * scale
   if mask is not None:
     own = jnp.where(mask, own, NEG_INF)
@@ -237,7 +307,7 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   mem = jnp.exp(mem - top[..., None, None]).reshape(b, h, t, m * p)
   own = jnp.exp(own - top[..., None])
   total = _row_sums(mem) + jnp.sum(own, axis=3)  # [B, H, T]
-  out = (_logits_dot(mem.astype(v_memory.dtype), v_memory, VALUES_DIMS)
+  out = (_logits_dot(mem.astype(v_memory.dtype), v_memory, MEMORY_VALUES_DIMS)
          + _logits_dot(own.astype(v.dtype), v, VALUES_DIMS)) / total[..., None]
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
@@ -252,20 +322,31 @@ def layer_normalize(x, epsilon: float = LAYER_NORM_EPSILON):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def memory_projection(xhat, scale, bias, kernel, dtype):
-  """(xhat * scale + bias) @ kernel, the keys or values of a layer's memory rows.
+  """(xhat * scale + bias) @ kernel, the keys or values of a layer's memory rows, returned
+  feature-major: [B, H, Dh, M] (the layout `pool_attention` reads).
 
-  xhat [B, M, D] is the memory normalised by `layer_normalize` and gets no gradient (the pool's
-  entries are never differentiated through); scale, bias [D] are the layer's LayerNorm and
-  kernel [D, H, Dh] its key or value projection, which do. The backward pass computes one
-  [D, H*Dh] matmul, A = xhat^T g, and derives from it d_kernel = scale * A + bias * sum(g),
-  d_scale = sum(A * kernel) and d_bias = sum(sum(g) * kernel): the input gradient of the M rows
-  (as costly as d_kernel; autodiff of a projection of [memory; x] computes it and throws it
-  away) is never formed. Dots in `dtype` with float32 accumulation.
+  xhat [B, M, D] are the memory rows normalised by `layer_normalize` (the pool stores them so:
+  no normalisation per layer and step) and get no gradient (the pool's entries are never
+  differentiated through); scale, bias [D] are the layer's LayerNorm and kernel [D, H, Dh] its
+  key or value projection, which do. The LayerNorm is folded into the kernel,
+  (scale * kernel)^T xhat^T + bias @ kernel, and the product is taken per example with the
+  [H*Dh, D] kernel broadcast over the batch, so the keys come out [H*Dh, M] per example: no
+  transpose of the M rows anywhere (XLA:CPU otherwise transposes the keys for the head-major
+  attention dots and xhat for the weight gradient). The backward pass computes
+  A = sum_b g_b xhat_b [H*Dh, D] (NN products) and derives from it
+  d_kernel = scale * A + bias * sum(g), d_scale = sum(A * kernel) and
+  d_bias = sum(sum(g) * kernel): the input gradient of the M rows (as costly as d_kernel;
+  autodiff of a projection of [memory; x] computes it and throws it away) is never formed.
+  Dots in `dtype` with float32 accumulation.
   """
-  y = (xhat * scale + bias).astype(dtype)
-  out = jax.lax.dot_general(y, kernel.astype(dtype), (((2,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-  return out.astype(dtype)
+  b, m, d = xhat.shape
+  _, h, dh = kernel.shape
+  w = scale.astype(jnp.float32)[:, None, None] * kernel.astype(jnp.float32)
+  w = jnp.broadcast_to(w.reshape(d, h * dh).T.astype(dtype), (b, h * dh, d))
+  shift = jnp.einsum("d,dhk->hk", bias.astype(jnp.float32), kernel.astype(jnp.float32))
+  out = jax.lax.dot_general(w, xhat.astype(dtype), (((2,), (2,)), ((0,), (0,))),
+                            preferred_element_type=jnp.float32)  # [B, H*Dh, M]
+  return (out.reshape(b, h, dh, m) + shift[None, :, :, None]).astype(dtype)
 
 
 def _memory_projection_fwd(xhat, scale, bias, kernel, dtype):
@@ -274,10 +355,16 @@ def _memory_projection_fwd(xhat, scale, bias, kernel, dtype):
 
 def _memory_projection_bwd(dtype, res, g):
   xhat, scale, bias, kernel = res
-  g = g.astype(dtype)
-  a = jax.lax.dot_general(xhat.astype(dtype), g, (((0, 1), (0, 1)), ((), ())),
-                          preferred_element_type=jnp.float32)  # [D, H, Dh]
-  g_sum = jnp.sum(g, axis=(0, 1), dtype=jnp.float32)  # [H, Dh]
+  b, m, d = xhat.shape
+  _, h, dh = kernel.shape
+  g = g.astype(dtype).reshape(b, h * dh, m)
+  per_example = jax.lax.dot_general(g, xhat.astype(dtype), (((2,), (1,)), ((0,), (0,))),
+                                    preferred_element_type=jnp.float32)  # [B, H*Dh, D]
+  # Sums over the batch and rows as matrix-vector products (XLA:CPU runs long reductions as
+  # trees of reduce-windows: 32 ms single-core for this g_sum at the bench size).
+  a = jax.lax.dot_general(_ones(b, jnp.float32), per_example, (((0,), (0,)), ((), ())))
+  a = a.T.reshape(d, h, dh)  # [D, H, Dh]
+  g_sum = jnp.sum(_row_sums(g.astype(jnp.float32)), axis=0).reshape(h, dh)  # [H, Dh]
   w = kernel.astype(jnp.float32)
   d_kernel = scale.astype(jnp.float32)[:, None, None] * a + bias.astype(
       jnp.float32)[:, None, None] * g_sum
@@ -337,12 +424,13 @@ class Attention(nn.Module):
                            kernel_init=partitioned(KERNEL_INIT, "embed", "heads", "kv"))
 
   def _memory_kv(self, memory):
-    """memory = (xhat, scale, bias): this layer's keys and values of its memory rows."""
+    """memory = (xhat, scale, bias): this layer's keys and values of its memory rows,
+    feature-major [B, H, Dh, M] (`memory_projection`)."""
     out = []
     for name in ("key", "value"):
       kernel = nn.meta.unbox(getattr(self, name).variables["params"]["kernel"])
       out.append(constrain(memory_projection(*memory, kernel, jnp.dtype(self.dtype)),
-                           ("batch", "length", "act_heads", "act_kv")))
+                           ("batch", "act_heads", "act_kv", "length")))
     return tuple(out)
 
   def setup(self):
@@ -369,8 +457,8 @@ class Attention(nn.Module):
       kv_only: return this layer's (keys, values) of `memory` only, in the cache layout
         [B*H, M, Dh] (to fill a cache).
     """
-    if kv_only:
-      return tuple(merge_heads(a) for a in self._memory_kv(memory))
+    if kv_only:  # [B, H, Dh, M] -> [B*H, M, Dh]
+      return tuple(merge_heads(jnp.transpose(a, (0, 3, 1, 2))) for a in self._memory_kv(memory))
     kv = x if kv is None else kv
     q = constrain(self.query(x), ("batch", "length", "act_heads", "act_kv"))
     k = constrain(self.key(kv), ("batch", "length", "act_heads", "act_kv"))
@@ -379,7 +467,7 @@ class Attention(nn.Module):
       out = pool_attention(q, *self._memory_kv(memory), k, v, bias, mask)
       return constrain(self.out(out), ("batch", "length", "act_embed"))
     if memory is not None:
-      k_memory, v_memory = self._memory_kv(memory)
+      k_memory, v_memory = (jnp.transpose(a, (0, 3, 1, 2)) for a in self._memory_kv(memory))
       k = jnp.concatenate([k_memory, k], axis=1)
       v = jnp.concatenate([v_memory, v], axis=1)
     if cache is not None:
@@ -420,9 +508,10 @@ class DecoderBlock(nn.Module):
   """Pre-norm block: self-attention, optional cross-attention to a context, MLP.
 
   `memory` [B, M, D] (Transformer-XL style): hidden states of other segments that this
-  layer's self-attention also attends to, normalised and projected by this layer's own
-  LayerNorm and key/value weights and placed before the current tokens; `mask` and `bias`
-  then cover M + T keys. No gradient flows into `memory` itself.
+  layer's self-attention also attends to, given normalised (`layer_normalize`: what
+  DecoderStack returns), scaled and projected by this layer's own LayerNorm and key/value
+  weights and placed before the current tokens; `mask` and `bias` then cover M + T keys. No
+  gradient flows into `memory` itself.
   """
   num_heads: int
   mlp_dim: int
@@ -433,9 +522,10 @@ class DecoderBlock(nn.Module):
 
   @staticmethod
   def _memory(ln_self, memory):
-    """(normalised memory, ln_self's scale, bias): what Attention(memory=) projects."""
+    """(memory rows, ln_self's scale, bias): what Attention(memory=) projects. The rows come
+    normalised (`layer_normalize`, as DecoderStack returns its layer inputs)."""
     params = nn.meta.unbox(ln_self.variables["params"]["LayerNorm_0"])
-    return layer_normalize(jax.lax.stop_gradient(memory)), params["scale"], params["bias"]
+    return jax.lax.stop_gradient(memory), params["scale"], params["bias"]
 
   @nn.compact
   def __call__(self, x, mask, bias=None, context=None, context_mask=None, memory=None,
@@ -482,9 +572,11 @@ class DecoderStack(nn.Module):
   With `scan=True` the parameters of all layers are stacked along a leading `layers` axis
   and the block is compiled once, which keeps compile time flat in depth.
 
-  With `memory` [depth, B, M, D] (one per layer), returns `(x, layer_inputs)` where
-  layer_inputs [depth, B, T, D] are the hidden states entering each layer: what a later
-  segment will attend to as its memory.
+  With `memory` [depth, B, M, D] (one per layer, normalised rows), returns
+  `(x, layer_inputs)` where layer_inputs [depth, B, T, D] are the hidden states entering each
+  layer, normalised by `layer_normalize` (in x's dtype): what a later segment will attend to
+  as its memory. Normalised once here, each row is not normalised again by every later
+  segment that reads it.
   """
   depth: int
   num_heads: int
@@ -525,9 +617,12 @@ class DecoderStack(nn.Module):
     def apply(module, carry, layer_memory):
       return module(carry, mask, bias, context, context_mask, layer_memory, deterministic)
 
+    def normed(h):  # a layer input as later segments' memory
+      return layer_normalize(jax.lax.stop_gradient(h)).astype(h.dtype)
+
     if self.scan:
       def body(module, carry, layer_memory):
-        return apply(module, carry, layer_memory), None if memory is None else carry
+        return apply(module, carry, layer_memory), None if memory is None else normed(carry)
       scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                        "dropout": True},
                         length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
@@ -535,7 +630,7 @@ class DecoderStack(nn.Module):
     else:
       inputs = []
       for i in range(self.depth):
-        inputs.append(x)
+        inputs.append(normed(x))
         x = apply(block(name=f"layer_{i}", **kw), x, None if memory is None else memory[i])
       inputs = jnp.stack(inputs)
     return x if memory is None else (x, inputs)

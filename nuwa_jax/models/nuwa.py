@@ -7,7 +7,8 @@ One call processes one patch of P = patch_rows * patch_cols VQ tokens:
   logits    position j predicts t_j          (causal self-attention inside the patch)
   memory    each layer also attends to M context entries (patches within the extent), each
             the P cached hidden states that entered this layer when that patch was
-            processed, normalised and projected by this layer's weights (never
+            processed (stored normalised, layers.layer_normalize), scaled and projected by
+            this layer's LayerNorm and key/value weights (never
             differentiated through), with a learned per-head bias indexed by the entry's
             relative offset (dt, dr, dc) added to their attention logits; invalid entries
             are masked out. Entries come with their offset index (`memory_offset`, the
@@ -16,7 +17,7 @@ One call processes one patch of P = patch_rows * patch_cols VQ tokens:
   text      a transformer text encoder; cross-attention in every block (with a learned
             always-present null token, so that dropping the caption is a valid condition)
   returns   logits [B, P, V] and this patch's hidden states [depth, B, P, D] (positions
-            1..P, i.e. after all of its tokens), to be cached in the pool
+            1..P, i.e. after all of its tokens; normalised per row), to be cached in the pool
 
 The positional information between patches is only the relative offset, so the same weights
 serve any order and canvas size (see orders.py, context_pool.py).
@@ -31,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from nuwa_jax.context_pool import num_offsets
-from nuwa_jax.models.layers import KERNEL_INIT, DecoderStack, LayerNorm, PoolBias, partitioned
+from nuwa_jax.models.layers import (KERNEL_INIT, DecoderStack, LayerNorm, PoolBias,
+                                   dot_general_for, partitioned)
 from nuwa_jax.runtime.sharding import constrain
 
 
@@ -146,7 +148,7 @@ class Model(nn.Module):
                                 remat=self.remat, dtype=dtype)
     self.embed_dropout = nn.Dropout(self.dropout)
     self.ln_final = LayerNorm(dtype=dtype)
-    self.head = nn.Dense(self.vocab, dtype=dtype,
+    self.head = nn.Dense(self.vocab, dtype=dtype, dot_general=dot_general_for(dtype),
                          kernel_init=partitioned(KERNEL_INIT, "embed", "vocab"),
                          bias_init=partitioned(nn.initializers.zeros, "vocab"))
 
@@ -162,14 +164,16 @@ class Model(nn.Module):
 
     Args:
       tokens: int [B, P] the patch's tokens (targets; the model sees them shifted by one).
-      memory: [depth, B, M, P, D] cached hidden states of the M context entries.
+      memory: [depth, B, M, P, D] cached hidden states of the M context entries, as this
+        call returns them (normalised per row by layers.layer_normalize).
       memory_valid: bool [B, M].
       text, text_mask: int [B, text_len], bool [B, text_len] (only when text_len > 0).
       train: dropout on.
       memory_offset: int [B, M] offset index (0..K-1, context_pool.offset_index) of each
         entry, which picks its offset bias; None: M must be K and entry k has offset k.
     Returns:
-      (logits float32 [B, P, vocab], hidden [depth, B, P, D] to cache).
+      (logits float32 [B, P, vocab], hidden [depth, B, P, D] to cache: each layer's input,
+      normalised).
     """
     batch, p = tokens.shape
     if p != self.patch_tokens:
