@@ -79,25 +79,32 @@ def _canonical(dims):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _bf16_dot(x, w, dims, out_dtype):
+def _f32_acc_dot(x, w, dims, out_dtype):
+  """dot_general accumulating in float32, result in `out_dtype`; see its VJP below."""
   return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _bf16_dot_fwd(x, w, dims, out_dtype):
-  return _bf16_dot(x, w, dims, out_dtype), (x, w)
+def _f32_acc_dot_fwd(x, w, dims, out_dtype):
+  return _f32_acc_dot(x, w, dims, out_dtype), (x, w)
 
 
-def _bf16_dot_bwd(dims, out_dtype, res, g):
+def _f32_acc_dot_bwd(dims, out_dtype, res, g):
+  """Both transposes accumulate in f32 with the cotangent in the operands' dtype; float32
+  weight gradients without batch dims go through `weight_grad` (an NN product)."""
   del out_dtype
   x, w = res
   (dx_dims, dx_perm), (dw_dims, dw_perm) = _transpose_dims(dims, x.ndim, w.ndim)
   g = g.astype(x.dtype)
   dx = jax.lax.dot_general(g, w, dx_dims, preferred_element_type=jnp.float32)
-  dw = jax.lax.dot_general(x, g, dw_dims, preferred_element_type=jnp.float32)
-  return (jnp.transpose(dx, dx_perm).astype(x.dtype), jnp.transpose(dw, dw_perm).astype(w.dtype))
+  if x.dtype == jnp.float32 and not dims[1][0]:
+    dw = weight_grad(x, g, dims)
+  else:
+    dw = jnp.transpose(jax.lax.dot_general(x, g, dw_dims, preferred_element_type=jnp.float32),
+                       dw_perm)
+  return jnp.transpose(dx, dx_perm).astype(x.dtype), dw.astype(w.dtype)
 
 
-_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd)
+_f32_acc_dot.defvjp(_f32_acc_dot_fwd, _f32_acc_dot_bwd)
 
 
 def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -113,7 +120,7 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
                                preferred_element_type=preferred_element_type)
   out_dtype = out_dtype or preferred_element_type or jnp.bfloat16
-  return _bf16_dot(lhs, rhs, _canonical(dimension_numbers), jnp.dtype(out_dtype))
+  return _f32_acc_dot(lhs, rhs, _canonical(dimension_numbers), jnp.dtype(out_dtype))
 
 
 def weight_grad(x, g, dims):
@@ -129,10 +136,9 @@ def weight_grad(x, g, dims):
   if xb:
     raise ValueError("weight_grad: dots with batch dimensions are not supported.")
   x_free = [a for a in range(x.ndim) if a not in xc]
-  w_ndim = len(xc) + g.ndim - len(x_free)  # g is [x free, w free]
-  _, (((_, g_xfree), _), dw_perm) = _transpose_dims(dims, x.ndim, w_ndim)
+  nxf, nwf = len(x_free), g.ndim - len(x_free)  # g is [x free, w free]
+  _, (_, dw_perm) = _transpose_dims(dims, x.ndim, len(xc) + nwf)
   if x.size > g.size:  # transpose the smaller g instead: dw^T = g^T x, NN as well
-    nxf, nwf = len(x_free), g.ndim - len(x_free)
     gt = jax.lax.optimization_barrier(jnp.transpose(g, tuple(range(nxf, g.ndim))
                                                     + tuple(range(nxf))))
     dwt = jax.lax.dot_general(gt, jnp.transpose(x, x_free + sorted(xc)),
@@ -141,29 +147,10 @@ def weight_grad(x, g, dims):
     dw = jnp.transpose(dwt, tuple(range(nwf, dwt.ndim)) + tuple(range(nwf)))
   else:
     xt = jax.lax.optimization_barrier(jnp.transpose(x, sorted(xc) + x_free))
-    dw = jax.lax.dot_general(xt, g, ((tuple(range(len(xc), x.ndim)), g_xfree), ((), ())),
+    dw = jax.lax.dot_general(xt, g, ((tuple(range(len(xc), x.ndim)), tuple(range(nxf))),
+                                     ((), ())),
                              preferred_element_type=jnp.float32)
   return jnp.transpose(dw, dw_perm)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _f32_dot(x, w, dims):
-  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
-
-
-def _f32_dot_fwd(x, w, dims):
-  return _f32_dot(x, w, dims), (x, w)
-
-
-def _f32_dot_bwd(dims, res, g):
-  x, w = res
-  (dx_dims, dx_perm), _ = _transpose_dims(dims, x.ndim, w.ndim)
-  dx = jnp.transpose(jax.lax.dot_general(g, w, dx_dims, preferred_element_type=jnp.float32),
-                     dx_perm)
-  return dx.astype(x.dtype), weight_grad(x, g, dims).astype(w.dtype)
-
-
-_f32_dot.defvjp(_f32_dot_fwd, _f32_dot_bwd)
 
 
 def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -175,7 +162,7 @@ def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   if not lhs.dtype == rhs.dtype == jnp.float32 or dims[1][0]:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
                                preferred_element_type=preferred_element_type)
-  return _f32_dot(lhs, rhs, dims)
+  return _f32_acc_dot(lhs, rhs, dims, jnp.dtype(jnp.float32))
 
 
 def dot_general_for(dtype) -> Callable | None:
@@ -249,8 +236,8 @@ def _row_sums(x):
 
 @jax.custom_vjp
 def _add_pool_bias(logits, offset, align):
-  """logits [B, H, T, M, P] + offset [B or 1, H, M] (per entry) + align [H, T, P] (per row of
-  an entry). The backward pass sums the cotangent for the two biases with matrix-vector
+  """logits [B, H, T, M, P] + offset [B, H, M] (per entry; pool_attention folds validity
+  into it, so it always has the batch) + align [H, T, P] (per row of an entry). The backward pass sums the cotangent for the two biases with matrix-vector
   products (autodiff's reductions over batch and entries were ~15% of the train step)."""
   return logits + offset[:, :, None, :, None] + align[None, :, :, None, :]
 
@@ -266,8 +253,6 @@ def _add_pool_bias_bwd(res, g):
   ones_t = jnp.broadcast_to(_ones(t, g.dtype)[None, None], (b * h, 1, t))
   per_row = jax.lax.dot_general(ones_t, g.reshape(b * h, t, m * p), (((2,), (1,)), ((0,), (0,))))
   d_offset = jnp.sum(per_row.reshape(b, h, m, p), axis=3)
-  if offset.shape[0] == 1:
-    d_offset = jnp.sum(d_offset, axis=0, keepdims=True)
   # d_align[h, t, p] = sum over b, m: the ones row times [B, H*T*M*P], then over M (small).
   over_batch = jax.lax.dot_general(_ones(b, g.dtype), g.reshape(b, h * t * m * p),
                                    (((0,), (0,)), ((), ())))
@@ -423,14 +408,15 @@ class Attention(nn.Module):
                            dot_general=dot_general_for(self.dtype),
                            kernel_init=partitioned(KERNEL_INIT, "embed", "heads", "kv"))
 
-  def _memory_kv(self, memory):
+  def _memory_kv(self, memory, token_major: bool = False):
     """memory = (xhat, scale, bias): this layer's keys and values of its memory rows,
-    feature-major [B, H, Dh, M] (`memory_projection`)."""
+    feature-major [B, H, Dh, M] (`memory_projection`), or [B, M, H, Dh] with token_major."""
     out = []
     for name in ("key", "value"):
       kernel = nn.meta.unbox(getattr(self, name).variables["params"]["kernel"])
-      out.append(constrain(memory_projection(*memory, kernel, jnp.dtype(self.dtype)),
-                           ("batch", "act_heads", "act_kv", "length")))
+      a = constrain(memory_projection(*memory, kernel, jnp.dtype(self.dtype)),
+                    ("batch", "act_heads", "act_kv", "length"))
+      out.append(jnp.transpose(a, (0, 3, 1, 2)) if token_major else a)
     return tuple(out)
 
   def setup(self):
@@ -458,7 +444,7 @@ class Attention(nn.Module):
         [B*H, M, Dh] (to fill a cache).
     """
     if kv_only:  # [B, H, Dh, M] -> [B*H, M, Dh]
-      return tuple(merge_heads(jnp.transpose(a, (0, 3, 1, 2))) for a in self._memory_kv(memory))
+      return tuple(merge_heads(a) for a in self._memory_kv(memory, token_major=True))
     kv = x if kv is None else kv
     q = constrain(self.query(x), ("batch", "length", "act_heads", "act_kv"))
     k = constrain(self.key(kv), ("batch", "length", "act_heads", "act_kv"))
@@ -467,7 +453,7 @@ class Attention(nn.Module):
       out = pool_attention(q, *self._memory_kv(memory), k, v, bias, mask)
       return constrain(self.out(out), ("batch", "length", "act_embed"))
     if memory is not None:
-      k_memory, v_memory = (jnp.transpose(a, (0, 3, 1, 2)) for a in self._memory_kv(memory))
+      k_memory, v_memory = self._memory_kv(memory, token_major=True)
       k = jnp.concatenate([k_memory, k], axis=1)
       v = jnp.concatenate([v_memory, v], axis=1)
     if cache is not None:
