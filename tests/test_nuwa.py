@@ -250,6 +250,35 @@ def test_full_chain_mode_trains(tmp_path):
   assert len(losses) == 12 and losses[-1] < losses[0]
 
 
+def test_no_context_model_equals_all_entries_invalid_and_trains(small):
+  """Extent (0, 0, 0) (no context entries, the GPT's own work) is the same function as a
+  context whose entries are all invalid, and its per-patch train step runs."""
+  model, params, inputs = small
+  alone = model.clone(extent=(0, 0, 0))
+  assert alone.num_context == 1
+  p0 = jax.tree.map(lambda a: a, params)
+  p0["params"]["offset_bias"] = params["params"]["offset_bias"][:, :1]
+  empty = dict(inputs, memory=inputs["memory"][:, :, :0], valid=inputs["valid"][:, :0],
+               offset=inputs["offset"][:, :0])
+  got, hidden = _apply(alone, p0, empty)
+  want, want_hidden = _apply(model, params, inputs, valid=jnp.zeros_like(inputs["valid"]))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+
+  config = tiny_config(**{"model.extent": (0, 0, 0), "batch_size": 2})
+  assert trainer.context_entries(config) == 0
+  built = trainer.build(config, mesh_lib.create_mesh({"data": -1}, jax.devices()[:1]))
+  state, pool = built.sharded.init(jax.random.key(0)), trainer.new_pool(built)
+  source = trainer.make_sources(config)[0]
+  chain = ChainBatch([source[i] for i in range(2)], (1, 2, 2), (4, 4), (0, 0, 0), 24,
+                     [np.random.default_rng(i) for i in range(2)], "random", 0)
+  losses = []
+  for i in range(chain.num_steps):
+    state, pool, m = built.train_step(state, pool, trainer.to_global(built, chain.step(i)))
+    losses.append(float(m["loss"]))
+  assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
+
+
 def test_time_budget_stops_at_a_chain_end_with_checkpoint_and_eval(tmp_path):
   """max_train_seconds: the run stops at the first chain end after the budget (here the first
   chain), saves that step and evaluates it, far before total_steps."""

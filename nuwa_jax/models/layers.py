@@ -278,6 +278,8 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   broadcastable to [B, H, T, T] (e.g. causal). Returns [B, T, H, D]."""
   b, t, h, d = q.shape
   m = pool.valid.shape[1]
+  if m == 0 or k_memory.shape[3] == 0:  # no context entries (extent 0): the patch alone
+    return dot_product_attention(q, k, v, mask=mask)
   p = k_memory.shape[3] // m
   scale = 1.0 / float(d) ** 0.5
   mem = _logits_dot(q, k_memory, MEMORY_LOGITS_DIMS).reshape(b, h, t, m, p) * scale
