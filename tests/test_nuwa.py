@@ -309,6 +309,44 @@ def test_context_entries_default_covers_the_orders_and_is_checked():
     trainer.validate(tiny_config(**{"model.max_context": 76}))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_and_dense_equal_flax_in_value_and_gradients(dtype):
+  """layers.LayerNorm and layers.Dense (custom VJPs whose scale and bias gradients are
+  column sums by matrix-vector products) = flax's nn.LayerNorm and nn.Dense with the same
+  parameters: values and the gradients of input, scale, bias and kernel."""
+  from nuwa_jax.models import layers
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(3, 7, 16)) * 2 + 1, dtype)
+  cot = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
+  ours = layers.LayerNorm(dtype=dtype)
+  theirs = nn.LayerNorm(epsilon=layers.LAYER_NORM_EPSILON, dtype=dtype)
+  params = nn.meta.unbox(ours.init(jax.random.key(0), x))
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
+  inner = params["params"]["LayerNorm_0"]
+  assert set(inner) == {"scale", "bias"}
+  f = lambda p, x: jnp.sum(ours.apply(p, x).astype(jnp.float32) * cot)  # noqa: E731
+  g = lambda p, x: jnp.sum(theirs.apply({"params": p["params"]["LayerNorm_0"]}, x)  # noqa: E731
+                           .astype(jnp.float32) * cot)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(f(params, x), g(params, x), rtol=tol)
+  for got, want in zip(jax.tree.leaves(jax.grad(f, (0, 1))(params, x)),
+                       jax.tree.leaves(jax.grad(g, (0, 1))(params, x))):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want))))
+
+  dense, flax_dense = layers.Dense(24, ("embed", "mlp"), dtype=dtype), nn.Dense(24, dtype=dtype)
+  dparams = nn.meta.unbox(dense.init(jax.random.key(1), x))
+  dparams = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), dparams)
+  dcot = jnp.asarray(rng.normal(size=(3, 7, 24)), jnp.float32)
+  f = lambda p, x: jnp.sum(dense.apply(p, x).astype(jnp.float32) * dcot)  # noqa: E731
+  g = lambda p, x: jnp.sum(flax_dense.apply(p, x).astype(jnp.float32) * dcot)  # noqa: E731
+  np.testing.assert_allclose(f(dparams, x), g(dparams, x), rtol=tol)
+  for got, want in zip(jax.tree.leaves(jax.grad(f, (0, 1))(dparams, x)),
+                       jax.tree.leaves(jax.grad(g, (0, 1))(dparams, x))):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want))))
+
+
 # ------------------------------ bf16 compute with float32 accumulation ----------------------
 
 def _dots(jaxpr, out=None):
@@ -450,12 +488,14 @@ def test_memory_rows_are_projected_without_their_input_gradient(dtype):
   assert flops[1] - flops[0] == 2 * (2 * b * m * d * d) - 2 * extra, flops
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_factored_pool_attention_equals_attention_with_the_materialised_bias(dtype):
+@pytest.mark.parametrize("dtype,spread", [(jnp.float32, 1.0), (jnp.bfloat16, 1.0),
+                                          (jnp.float32, 30.0)])
+def test_factored_pool_attention_equals_attention_with_the_materialised_bias(dtype, spread):
   """layers.pool_attention (factored PoolBias, key parts apart) = dot_product_attention over
   [memory; current] keys with the [B, H, T, M*P + T] bias and mask built out, in value and in
   the gradients of queries, keys, values, offset and alignment biases; invalid entries with
-  large logits have no effect."""
+  large logits have no effect. spread: the alignment bias is uniform in [-spread, spread] and
+  the logits as large (the softmax shift is an upper bound off by up to the bias's spread)."""
   from nuwa_jax.models import layers
   b, t, m, p, h, d = 2, 5, 3, 4, 2, 8
   rng = np.random.default_rng(1)
@@ -464,7 +504,8 @@ def test_factored_pool_attention_equals_attention_with_the_materialised_bias(dty
   km, vm = a(b, m * p, h, d, scale=3.0), a(b, m * p, h, d)
   valid = jnp.asarray([[True, False, True], [False, True, True]])
   offset, align = jnp.asarray(rng.normal(size=(b, h, m)), jnp.float32), jnp.asarray(
-      rng.normal(size=(h, t, p)), jnp.float32)
+      rng.uniform(-spread, spread, size=(h, t, p)), jnp.float32)
+  q = q * jnp.asarray(max(1.0, spread / 4), dtype)
   causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
   cot = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
 

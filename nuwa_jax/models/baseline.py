@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nuwa_jax.models.layers import KERNEL_INIT, DecoderStack, LayerNorm, partitioned
+from nuwa_jax.models.layers import KERNEL_INIT, DecoderStack, Dense, LayerNorm, partitioned
 from nuwa_jax.runtime.sharding import constrain
 
 
@@ -91,7 +91,5 @@ class Model(nn.Module):
                      dropout=self.dropout, scan=self.scan_layers, remat=self.remat,
                      dtype=dtype, name="decoder")(x, causal, deterministic=not train)
     x = LayerNorm(dtype=dtype, name="ln_final")(x[:, self.text_len:])
-    logits = nn.Dense(self.image_vocab, dtype=dtype, name="head",
-                      kernel_init=partitioned(KERNEL_INIT, "embed", "vocab"),
-                      bias_init=partitioned(nn.initializers.zeros, "vocab"))(x)
+    logits = Dense(self.image_vocab, ("embed", "vocab"), dtype=dtype, name="head")(x)
     return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))

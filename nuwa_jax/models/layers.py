@@ -29,17 +29,117 @@ def partitioned(init: Callable, *names: str | None) -> Callable:
 LAYER_NORM_EPSILON = 1e-6  # LayerNorm's and layer_normalize's
 
 
+def _ones(n, dtype):
+  """A ones vector XLA cannot see through: sums written as dots with it stay dots (XLA:CPU
+  runs reductions over long rows as reduce-windows, several times slower)."""
+  return jax.lax.optimization_barrier(jnp.ones((n,), dtype))
+
+
+def column_sums(g):
+  """g [..., F] summed over every axis but the last, as a matrix-vector product with a ones
+  vector, in float32. The gradient of a bias or a LayerNorm scale: XLA:CPU (jaxlib 0.10.2)
+  emits `jnp.sum` over the rows as a tree of reduce-windows, 8x slower for [2056, 2048]
+  (12.1 vs 1.5 ms on the 2-core AMD EPYC; bench/README.md)."""
+  rows = g.reshape(-1, g.shape[-1])
+  return jax.lax.dot_general(_ones(rows.shape[0], rows.dtype), rows, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+  """y [..., F] + bias [F], whose bias gradient is `column_sums` of the cotangent."""
+  return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  return g, column_sums(g).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, dtype):
+  """LayerNorm of x [..., D] over its last axis with scale and bias [D], statistics in float32
+  (as `layer_normalize`), result in `dtype`. Its VJP takes the scale and bias gradients as
+  `column_sums` (XLA:CPU's reductions over rows are slow, see there)."""
+  return _layer_norm_fwd(x, scale, bias, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, dtype):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+  rstd = jax.lax.rsqrt(var + LAYER_NORM_EPSILON)
+  xhat = (x32 - mean) * rstd
+  y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, rstd, scale, bias)
+
+
+def _layer_norm_bwd(dtype, res, g):
+  del dtype
+  x, rstd, scale, bias = res
+  x32 = x.astype(jnp.float32)
+  xhat = (x32 - jnp.mean(x32, axis=-1, keepdims=True)) * rstd  # recomputed: saves a residual
+  g = g.astype(jnp.float32)
+  gs = g * scale.astype(jnp.float32)
+  dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
+               - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+  return (dx.astype(x.dtype), column_sums(g * xhat).astype(scale.dtype),
+          column_sums(g).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class _Affine(nn.Module):
+  """The scale and bias of `LayerNorm` (named as flax's nn.LayerNorm names them)."""
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", partitioned(nn.initializers.ones, "norm"), (d,), self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, "norm"), (d,), self.param_dtype)
+    return layer_norm(x, scale, bias, jnp.dtype(self.dtype))
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm whose scale and bias are named (`norm`,) for the sharding rules."""
+  """LayerNorm (`layer_norm`) whose scale and bias are named (`norm`,) for the sharding rules;
+  parameters laid out as flax's nn.LayerNorm's (`LayerNorm_0/{scale, bias}`)."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
-                        param_dtype=self.param_dtype,
-                        scale_init=partitioned(nn.initializers.ones, "norm"),
-                        bias_init=partitioned(nn.initializers.zeros, "norm"))(x)
+    return _Affine(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters (`kernel` [in, features], `bias` [features]) with the library's
+  dot (`dot_general_for`) and `add_bias`; `axes` are the kernel's logical names (the bias gets
+  the second)."""
+  features: int
+  axes: tuple[str, str]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = KERNEL_INIT
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", partitioned(self.kernel_init, *self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, self.axes[1]),
+                      (self.features,), self.param_dtype)
+    dtype = jnp.dtype(self.dtype)
+    dot = dot_general_for(dtype) or jax.lax.dot_general
+    y = dot(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return add_bias(y, bias)
 
 
 def _transpose_dims(dims, x_ndim, w_ndim):
@@ -223,12 +323,6 @@ class PoolBias(NamedTuple):
   align: jax.Array
 
 
-def _ones(n, dtype):
-  """A ones vector XLA cannot see through: sums written as dots with it stay dots (XLA:CPU
-  runs reductions over long rows as reduce-windows, several times slower)."""
-  return jax.lax.optimization_barrier(jnp.ones((n,), dtype))
-
-
 def _row_sums(x):
   """Sum over the last axis of x [..., L] as a matrix-vector product."""
   return jax.lax.dot_general(x, _ones(x.shape[-1], x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
@@ -268,9 +362,18 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   and validity of the memory given factored (`PoolBias`) instead of as [B, H, T, M*P + T]
   arrays, and the two key parts kept apart: no concatenation of keys, values or logits, and
   no bias tensor of the logits' size whose gradient has to be reduced over batch and layers
-  (a profile of the NUWA train step put ~15% of op time there). One softmax over both parts
-  (shared running max, no gradient through it: softmax does not depend on it); normalised
-  after the values (an op less on the [B, H, T, M*P] tensors).
+  (a profile of the NUWA train step put ~15% of op time there). One softmax over both parts,
+  normalised after the values (an op less on the [B, H, T, M*P] tensors).
+
+  The softmax subtracts a per-query shift (no gradient: softmax does not depend on it) that
+  is the exact maximum over the current keys but, over the memory, an upper bound taken from
+  the unbiased logits: max over entries of (max over the entry's rows of q.k + the entry's
+  offset bias) + the alignment bias's max over rows. Its excess over the true maximum is at
+  most the spread of that query's alignment-bias row (max - min over P; 2.0 at
+  initialisation), so exp neither overflows nor, unless the spread reaches ~80 in float32,
+  underflows. Maximising the biased logits instead made XLA:CPU write them out once more
+  and reduce them as reduce-windows (~30 ms against ~7 ms a layer for [8, 8, 257, 1280],
+  2-core AMD EPYC; bench/README.md).
 
   k_memory, v_memory: [B, H, D, M*P] (feature-major, as `memory_projection` gives them: the
   dots then need no transpose of the memory's keys and values, and their gradients come out
@@ -282,15 +385,18 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
     return dot_product_attention(q, k, v, mask=mask)
   p = k_memory.shape[3] // m
   scale = 1.0 / float(d) ** 0.5
-  mem = _logits_dot(q, k_memory, MEMORY_LOGITS_DIMS).reshape(b, h, t, m, p) * scale
+  raw = _logits_dot(q, k_memory, MEMORY_LOGITS_DIMS).reshape(b, h, t, m, p)
   # Invalid entries get NEG_INF in their per-entry bias: no select on the logits (nor on
   # their gradient, which is exactly zero there as their softmax weights are).
   offset = pool.offset.astype(jnp.float32) + jnp.where(pool.valid, 0.0, NEG_INF)[:, None, :]
-  mem = _add_pool_bias(mem, offset, pool.align.astype(jnp.float32))
+  align = pool.align.astype(jnp.float32)
+  bound = (jnp.max(jnp.max(jax.lax.stop_gradient(raw), axis=4) * scale + offset[:, :, None, :],
+                   axis=3) + jnp.max(align, axis=2)[None])  # >= the biased maximum, see above
+  mem = _add_pool_bias(raw * scale, offset, align)
   own = _logits_dot(q, k, LOGITS_DIMS) * scale
   if mask is not None:
     own = jnp.where(mask, own, NEG_INF)
-  top = jax.lax.stop_gradient(jnp.maximum(jnp.max(mem, axis=(3, 4)), jnp.max(own, axis=3)))
+  top = jax.lax.stop_gradient(jnp.maximum(bound, jnp.max(own, axis=3)))
   mem = jnp.exp(mem - top[..., None, None]).reshape(b, h, t, m * p)
   own = jnp.exp(own - top[..., None])
   total = _row_sums(mem) + jnp.sum(own, axis=3)  # [B, H, T]
@@ -479,16 +585,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     width = x.shape[-1]
-    h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="wi",
-                 dot_general=dot_general_for(self.dtype),
-                 kernel_init=partitioned(KERNEL_INIT, "embed", "mlp"),
-                 bias_init=partitioned(nn.initializers.zeros, "mlp"))(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = Dense(self.mlp_dim, ("embed", "mlp"), name="wi", **kw)(x)
     h = constrain(nn.gelu(h), ("batch", "length", "act_mlp"))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    out = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="wo",
-                   dot_general=dot_general_for(self.dtype),
-                   kernel_init=partitioned(KERNEL_INIT, "mlp", "embed"),
-                   bias_init=partitioned(nn.initializers.zeros, "embed"))(h)
+    out = Dense(width, ("mlp", "embed"), name="wo", **kw)(h)
     return constrain(out, ("batch", "length", "act_embed"))
 
 

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from nuwa_jax.context_pool import num_offsets
-from nuwa_jax.models.layers import (KERNEL_INIT, DecoderStack, LayerNorm, PoolBias,
-                                   dot_general_for, partitioned)
+from nuwa_jax.models.layers import (KERNEL_INIT, DecoderStack, Dense, LayerNorm, PoolBias,
+                                   partitioned)
 from nuwa_jax.runtime.sharding import constrain
 
 
@@ -148,9 +148,7 @@ class Model(nn.Module):
                                 remat=self.remat, dtype=dtype)
     self.embed_dropout = nn.Dropout(self.dropout)
     self.ln_final = LayerNorm(dtype=dtype)
-    self.head = nn.Dense(self.vocab, dtype=dtype, dot_general=dot_general_for(dtype),
-                         kernel_init=partitioned(KERNEL_INIT, "embed", "vocab"),
-                         bias_init=partitioned(nn.initializers.zeros, "vocab"))
+    self.head = Dense(self.vocab, ("embed", "vocab"), dtype=dtype)
 
   def embed_tokens(self, tokens):
     """[B, T] tokens at patch positions 0..T-1 → [B, T, D] embeddings (with positions)."""
