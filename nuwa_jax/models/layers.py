@@ -227,10 +227,14 @@ def weight_grad(x, g, dims):
   """The second operand's gradient of out = dot_general(x, w, dims) (no batch dims), from
   the cotangent g, with x's contracting axes (w's input axes) moved first and materialised:
   the product then contracts x's trailing (row) axes with g's leading ones, an NN matrix
-  product. Autodiff's form contracts both operands' leading axes (TN), which XLA:CPU's Eigen
-  runs at half speed: single-core, [2056, 512]^T x [2056, 2048] took 123 ms TN and 57 ms
-  transposed first (the transpose included; bench/README.md). Exact: the same sums. When x is
-  larger than g, g is transposed instead and the product gives dw^T (also NN)."""
+  product. Autodiff's form contracts both operands' leading axes (TN). XLA's YNNPACK dots
+  (XLA:CPU's default, which the library keeps on CPUs with AMX) run that form slower: for
+  [2056, 512]^T x [2056, 2048], 47-52 ms TN against 34-38 ms transposed first (2 threads,
+  AMD EPYC). With the library's default on other CPUs (Eigen dots, `runtime/xla_flags.py`)
+  both forms take the same time (~51 ms), and the train step was unchanged side by side
+  (bench/README.md: an earlier microbenchmark that showed 123 vs 57 ms had run YNN dots by
+  mistake). Exact: the same sums. When x is larger than g, g is transposed instead and the
+  product gives dw^T (also NN)."""
   dims = _canonical(dims)
   (xc, _), (xb, _) = dims
   if xb:
@@ -256,8 +260,8 @@ def weight_grad(x, g, dims):
 def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """`lax.dot_general` of float32 Dense/DenseGeneral layers (no batch dimensions) whose
   backward pass takes the weight gradient as `weight_grad` does (an NN product after one
-  transpose of the input, 2x faster on XLA:CPU than autodiff's TN form). Other dtypes or
-  dots with batch dimensions: plain `lax.dot_general`."""
+  transpose of the input; faster than autodiff's TN form with YNNPACK dots, the same with
+  Eigen's, see there). Other dtypes or dots with batch dimensions: plain `lax.dot_general`."""
   dims = _canonical(dimension_numbers)
   if not lhs.dtype == rhs.dtype == jnp.float32 or dims[1][0]:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
