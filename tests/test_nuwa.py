@@ -324,27 +324,25 @@ def test_layer_norm_and_dense_equal_flax_in_value_and_gradients(dtype):
   params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
   inner = params["params"]["LayerNorm_0"]
   assert set(inner) == {"scale", "bias"}
-  f = lambda p, x: jnp.sum(ours.apply(p, x).astype(jnp.float32) * cot)  # noqa: E731
-  g = lambda p, x: jnp.sum(theirs.apply({"params": p["params"]["LayerNorm_0"]}, x)  # noqa: E731
-                           .astype(jnp.float32) * cot)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(f(params, x), g(params, x), rtol=tol)
-  for got, want in zip(jax.tree.leaves(jax.grad(f, (0, 1))(params, x)),
-                       jax.tree.leaves(jax.grad(g, (0, 1))(params, x))):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want))))
+
+  def same(f, g, params):  # value and the gradients of params and x
+    np.testing.assert_allclose(f(params, x), g(params, x), rtol=tol)
+    for got, want in zip(jax.tree.leaves(jax.grad(f, (0, 1))(params, x)),
+                         jax.tree.leaves(jax.grad(g, (0, 1))(params, x))):
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want))))
+
+  same(lambda p, x: jnp.sum(ours.apply(p, x).astype(jnp.float32) * cot),
+       lambda p, x: jnp.sum(theirs.apply({"params": p["params"]["LayerNorm_0"]}, x)
+                            .astype(jnp.float32) * cot), params)
 
   dense, flax_dense = layers.Dense(24, ("embed", "mlp"), dtype=dtype), nn.Dense(24, dtype=dtype)
   dparams = nn.meta.unbox(dense.init(jax.random.key(1), x))
   dparams = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), dparams)
   dcot = jnp.asarray(rng.normal(size=(3, 7, 24)), jnp.float32)
-  f = lambda p, x: jnp.sum(dense.apply(p, x).astype(jnp.float32) * dcot)  # noqa: E731
-  g = lambda p, x: jnp.sum(flax_dense.apply(p, x).astype(jnp.float32) * dcot)  # noqa: E731
-  np.testing.assert_allclose(f(dparams, x), g(dparams, x), rtol=tol)
-  for got, want in zip(jax.tree.leaves(jax.grad(f, (0, 1))(dparams, x)),
-                       jax.tree.leaves(jax.grad(g, (0, 1))(dparams, x))):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want))))
+  same(lambda p, x: jnp.sum(dense.apply(p, x).astype(jnp.float32) * dcot),
+       lambda p, x: jnp.sum(flax_dense.apply(p, x).astype(jnp.float32) * dcot), dparams)
 
 
 # ------------------------------ bf16 compute with float32 accumulation ----------------------

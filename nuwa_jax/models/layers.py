@@ -45,6 +45,11 @@ def column_sums(g):
                              preferred_element_type=jnp.float32)
 
 
+def _row_sums(x):
+  """Sum over the last axis of x [..., L] as a matrix-vector product."""
+  return jax.lax.dot_general(x, _ones(x.shape[-1], x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+
 @jax.custom_vjp
 def add_bias(y, bias):
   """y [..., F] + bias [F], whose bias gradient is `column_sums` of the cotangent."""
@@ -70,21 +75,24 @@ def layer_norm(x, scale, bias, dtype):
   return _layer_norm_fwd(x, scale, bias, dtype)[0]
 
 
-def _layer_norm_fwd(x, scale, bias, dtype):
-  x32 = x.astype(jnp.float32)
+def _moments(x32, epsilon: float = LAYER_NORM_EPSILON):
+  """(mean, 1 / std) of x32 [..., D] over its last axis, keepdims (LayerNorm's statistics)."""
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
-  rstd = jax.lax.rsqrt(var + LAYER_NORM_EPSILON)
-  xhat = (x32 - mean) * rstd
-  y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(dtype), (x, rstd, scale, bias)
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _layer_norm_fwd(x, scale, bias, dtype):
+  x32 = x.astype(jnp.float32)
+  mean, rstd = _moments(x32)
+  y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_bwd(dtype, res, g):
   del dtype
-  x, rstd, scale, bias = res
-  x32 = x.astype(jnp.float32)
-  xhat = (x32 - jnp.mean(x32, axis=-1, keepdims=True)) * rstd  # recomputed: saves a residual
+  x, mean, rstd, scale, bias = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd  # recomputed from [..., 1] statistics
   g = g.astype(jnp.float32)
   gs = g * scale.astype(jnp.float32)
   dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
@@ -327,16 +335,12 @@ class PoolBias(NamedTuple):
   align: jax.Array
 
 
-def _row_sums(x):
-  """Sum over the last axis of x [..., L] as a matrix-vector product."""
-  return jax.lax.dot_general(x, _ones(x.shape[-1], x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-
-
 @jax.custom_vjp
 def _add_pool_bias(logits, offset, align):
   """logits [B, H, T, M, P] + offset [B, H, M] (per entry; pool_attention folds validity
-  into it, so it always has the batch) + align [H, T, P] (per row of an entry). The backward pass sums the cotangent for the two biases with matrix-vector
-  products (autodiff's reductions over batch and entries were ~15% of the train step)."""
+  into it, so it always has the batch) + align [H, T, P] (per row of an entry). The backward
+  pass sums the cotangent for the two biases with matrix-vector products (autodiff's
+  reductions over batch and entries were ~15% of the train step)."""
   return logits + offset[:, :, None, :, None] + align[None, :, :, None, :]
 
 
@@ -352,9 +356,7 @@ def _add_pool_bias_bwd(res, g):
   per_row = jax.lax.dot_general(ones_t, g.reshape(b * h, t, m * p), (((2,), (1,)), ((0,), (0,))))
   d_offset = jnp.sum(per_row.reshape(b, h, m, p), axis=3)
   # d_align[h, t, p] = sum over b, m: the ones row times [B, H*T*M*P], then over M (small).
-  over_batch = jax.lax.dot_general(_ones(b, g.dtype), g.reshape(b, h * t * m * p),
-                                   (((0,), (0,)), ((), ())))
-  d_align = jnp.sum(over_batch.reshape(h, t, m, p), axis=2)
+  d_align = jnp.sum(column_sums(g.reshape(b, h * t * m * p)).reshape(h, t, m, p), axis=2)
   return g, d_offset.astype(offset.dtype), d_align.astype(align.dtype)
 
 
@@ -385,7 +387,7 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   broadcastable to [B, H, T, T] (e.g. causal). Returns [B, T, H, D]."""
   b, t, h, d = q.shape
   m = pool.valid.shape[1]
-  if m == 0 or k_memory.shape[3] == 0:  # no context entries (extent 0): the patch alone
+  if m == 0:  # no context entries (extent 0): the patch alone
     return dot_product_attention(q, k, v, mask=mask)
   p = k_memory.shape[3] // m
   scale = 1.0 / float(d) ** 0.5
@@ -394,8 +396,8 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
   # their gradient, which is exactly zero there as their softmax weights are).
   offset = pool.offset.astype(jnp.float32) + jnp.where(pool.valid, 0.0, NEG_INF)[:, None, :]
   align = pool.align.astype(jnp.float32)
-  bound = (jnp.max(jnp.max(jax.lax.stop_gradient(raw), axis=4) * scale + offset[:, :, None, :],
-                   axis=3) + jnp.max(align, axis=2)[None])  # >= the biased maximum, see above
+  bound = (jnp.max(jnp.max(raw, axis=4) * scale + offset[:, :, None, :], axis=3)
+           + jnp.max(align, axis=2)[None])  # >= the biased maximum, see above
   mem = _add_pool_bias(raw * scale, offset, align)
   own = _logits_dot(q, k, LOGITS_DIMS) * scale
   if mask is not None:
@@ -412,9 +414,8 @@ def pool_attention(q, k_memory, v_memory, k, v, pool: PoolBias, mask=None):
 def layer_normalize(x, epsilon: float = LAYER_NORM_EPSILON):
   """`LayerNorm`'s normalisation (before scale and bias), in float32."""
   x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
-  return (x - mean) * jax.lax.rsqrt(var + epsilon)
+  mean, rstd = _moments(x, epsilon)
+  return (x - mean) * rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -459,8 +460,7 @@ def _memory_projection_bwd(dtype, res, g):
                                     preferred_element_type=jnp.float32)  # [B, H*Dh, D]
   # Sums over the batch and rows as matrix-vector products (XLA:CPU runs long reductions as
   # trees of reduce-windows: 32 ms single-core for this g_sum at the bench size).
-  a = jax.lax.dot_general(_ones(b, jnp.float32), per_example, (((0,), (0,)), ((), ())))
-  a = a.T.reshape(d, h, dh)  # [D, H, Dh]
+  a = column_sums(per_example.reshape(b, h * dh * d)).reshape(h * dh, d).T.reshape(d, h, dh)
   g_sum = jnp.sum(_row_sums(g.astype(jnp.float32)), axis=0).reshape(h, dh)  # [H, Dh]
   w = kernel.astype(jnp.float32)
   d_kernel = scale.astype(jnp.float32)[:, None, None] * a + bias.astype(
