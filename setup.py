@@ -31,10 +31,17 @@ INSTALL_REQUIRES = [
     "scikit-video==1.1.11",
     "scipy>=1.13,<2",
     "matplotlib>=3.9,<4",
+    "regex>=2024",  # CLIP's byte-level BPE tokenizer (CLIP-SIM)
 ]
 
 EXTRAS = {
-    "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "dill>=0.4,<0.5"],
+    # torch only for the converter tests (a pure-torch reference model each); the CPU wheel.
+    "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "dill>=0.4,<0.5", "torch==2.13.0",
+             "ftfy>=6"],
+    # Converting the metric networks' PyTorch files (nuwa_jax.tools.convert_*). CLIP's BPE
+    # vocabulary comes from the clip-anytorch wheel, installed without its dependencies:
+    # pip install --no-deps clip-anytorch==2.6.0
+    "convert": ["torch>=2.4", "ftfy>=6"],
     # Cloud TPU VMs; also lets a CPU machine compile for TPU topologies (nuwa_jax.tools.aot).
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
@@ -49,7 +56,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["nuwa_jax", "nuwa_jax.*", "configs"]),
+    packages=find_packages(include=["nuwa_jax", "nuwa_jax.*", "configs", "configs.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -18,7 +18,7 @@ r"""NUWA-Infinity training on this CPU: train-step speed, and render-and-optimiz
 --section=chain_vs_patch: configs/nuwa_infinity.py size=tiny, synthetic token grids, one grid
   (--grid), render_and_optimize (an update per patch) vs full_chain (one per chain), same init
   and training wall time (compile, evaluation excluded), constant lr after --warmup-updates;
-  held-out nll (trainer.evaluate) at --evals points; plot (--plot). One JSON line per
+  held-out nll (trainer.chain_nll, nats) at --evals points; plot (--plot). One JSON line per
   measurement, then a summary. From the repo root:
 
   JAX_PLATFORMS=cpu /work/venv/bin/python bench/bench_nuwa_train.py --section=all
@@ -231,7 +231,7 @@ def section_train_step(a):
 
 def chain_config(a, mode):
   c = nuwa_config.get_config(f"size=tiny,mode={mode}")
-  c.grids, c.eval.chains = (tuple(int(x) for x in a.grid.split(",")),), a.eval_chains
+  c.grids = (tuple(int(x) for x in a.grid.split(",")),)
   c.total_steps = 10 ** 7  # stopped by time; constant lr after a short warm-up
   c.optimizer.update(decay="constant", warmup_steps=a.warmup_updates)
   return c
@@ -245,7 +245,9 @@ def run_mode(a, mode, built, chain_step, eval_source):
   while True:
     done = train_s >= a.seconds
     if done or train_s >= next_eval:
-      nll = trainer.evaluate(config, built, state.params, eval_source)["eval_nll"]
+      nll = float(np.mean([trainer.chain_nll(config, built, state.params, chain).mean()
+                           for chain in trainer.held_out_chains(config, built, eval_source,
+                                                                "right", a.eval_chains)]))
       curve.append({"train_s": train_s, "updates": updates, "patches": patches, "eval_nll": nll})
       next_eval += a.seconds / a.evals
     if done:

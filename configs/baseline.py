@@ -84,5 +84,6 @@ def get_config(arg=None):
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100 if not big else 1000, keep=3,
                                                 async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=100 if not big else 2000, batches=4))
+  c.evals = ml_collections.ConfigDict({"held_out": dict(
+      type="token_loss", every_steps=100 if not big else 2000, num_batches=4)})
   return c

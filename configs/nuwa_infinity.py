@@ -95,7 +95,10 @@ def get_config(arg=None):
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200 if not paper else 2000,
                                                 keep=3, async_save=True))
-  # Held-out chains per evaluation; a mix of datasets is evaluated one batch of each in turn.
-  c.eval = ml_collections.ConfigDict(dict(every_steps=200 if not paper else 5000,
-                                          chains=6 if v.data == "token_grids" else 2))
+  # Evaluators (nuwa_jax/evaluators/; configs/eval/ has the full sets the eval command runs).
+  # Held-out bits per token on fixed chains; a mix of datasets is scored one batch of each in
+  # turn, so num_chains should be at least the number of datasets.
+  c.evals = ml_collections.ConfigDict({"nll": dict(
+      type="nll", every_steps=200 if not paper else 5000, orders=("right",),
+      num_chains=6 if v.data == "token_grids" else 2, empty_pool=False, per_patch=False)})
   return c

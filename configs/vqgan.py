@@ -69,6 +69,7 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       datasets=v.data, data_dir="", folder="", crops_per_image=64, max_scale=1.0, flip=True,
+      held_out_crops=32,
       # Relative shares of the datasets in the training stream ("": by their sizes). The 10
       # training photos of sample_media would otherwise be 0.5% of the crops.
       weights="1,1" if v.data == "sample_media:images,synthetic_scenes" else ""))
@@ -84,5 +85,8 @@ def get_config(arg=None):
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500 if not paper else 5000,
                                                 keep=2, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=250 if not paper else 5000, crops=32))
+  # Fixed held-out crops per dataset (data.held_out_crops) scored by the tokenizer evaluator;
+  # rFID needs the converted FID Inception weights (evals.tokenizer.inception).
+  c.evals = ml_collections.ConfigDict({"tokenizer": dict(
+      type="tokenizer", every_steps=250 if not paper else 5000, inception="")})
   return c

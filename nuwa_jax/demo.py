@@ -76,17 +76,19 @@ def _latest(workdir: str) -> int:
 def _train(config, workdir: str) -> None:
   """Trains (resuming) unless the workdir already holds the final checkpoint."""
   from nuwa_jax.config_utils import write_config  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, "DONE")  # the run ended (step or time budget), not killed
-  if os.path.exists(done) and _latest(workdir):
+  # FINISHED.json: the run ended (step or time budget), not killed.
+  if checkpoint.finished_step(workdir) is not None and _latest(workdir):
     logging.info("%s: trained already (step %d), reused", workdir, _latest(workdir))
     return
   trainer = importlib.import_module(f"nuwa_jax.trainers.{config.trainer}")
   trainer.validate(config)
   write_config(config, workdir)
-  trainer.train(config, workdir)
-  with open(done, "w") as f:
-    f.write(f"{_latest(workdir)}\n")
+  checkpoint.clear_finished(workdir)
+  result = trainer.train(config, workdir)
+  if not result.get("preempted"):
+    checkpoint.mark_finished(workdir, int(result["last_step"]))
 
 
 def caption_model(path: str, builders) -> str:
@@ -213,7 +215,7 @@ def main(argv):
   nuwa.data.update(dataset=",".join(folders), data_dir=data_dir, tokenizer_workdir=vq_dir,
                    caption_model=spm)
   nuwa.grids = GRIDS
-  nuwa.eval.every_steps = 500
+  nuwa.evals.nll.every_steps = 500
   _train(nuwa, nuwa_dir)
   times["model"] = time.time() - t
 

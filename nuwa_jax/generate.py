@@ -39,7 +39,7 @@ from absl import logging
 
 from nuwa_jax import context_pool
 from nuwa_jax import orders as orders_lib
-from nuwa_jax.sampler import PatchSampler, patch_key
+from nuwa_jax.sampler import PatchSampler, patch_keys
 
 TASKS = ("unconditional", "outpaint", "text_to_image", "animate", "text_to_video")
 OUTPAINT_DIRECTIONS = ("right", "left", "down", "up", "around")
@@ -92,7 +92,8 @@ def make_canvas(task: str, patch: Sequence[int], batch: int, height: int, width:
     patch: (patch_rows, patch_cols) tokens.
     height, width: canvas size in tokens (multiples of the patch).
     frames: video frames (animate, text_to_video).
-    given: int token grid [h, w] (outpaint, animate), a multiple of the patch.
+    given: int token grid [h, w] (outpaint, animate), a multiple of the patch, or [B, h, w]
+      (one picture per row, as evaluations of many held-out pictures use).
     direction: outpaint direction, one of OUTPAINT_DIRECTIONS.
     text, text_mask: caption ids [B, L] and mask (text tasks; optional for outpaint).
   Raises:
@@ -123,13 +124,14 @@ def make_canvas(task: str, patch: Sequence[int], batch: int, height: int, width:
   order_direction = "right" if cols >= rows else "down"
   if given is not None:
     given = np.asarray(given)
-    if given.ndim != 2:
-      raise RequestError(f"the given picture must be a 2-D token grid, got shape {given.shape}.")
-    gr = _check_multiple("given picture height", given.shape[0], pr)
-    gc = _check_multiple("given picture width", given.shape[1], pc)
+    if given.ndim == 3 and given.shape[0] != batch or given.ndim not in (2, 3):
+      raise RequestError(f"the given picture must be a token grid [h, w] or [batch={batch}, h, "
+                         f"w], got shape {given.shape}.")
+    gr = _check_multiple("given picture height", given.shape[-2], pr)
+    gc = _check_multiple("given picture width", given.shape[-1], pc)
     if task == "animate":
       if (gr, gc) != (rows, cols):
-        raise RequestError(f"animate: the picture is {given.shape} tokens but the video frames "
+        raise RequestError(f"animate: the picture is {given.shape[-2:]} tokens but the video frames "
                            f"are {(height, width)}; they must be equal.")
       r0, c0 = 0, 0
     else:
@@ -137,17 +139,17 @@ def make_canvas(task: str, patch: Sequence[int], batch: int, height: int, width:
         raise RequestError(f"direction={direction!r}: expected one of {OUTPAINT_DIRECTIONS}.")
       if direction in ("right", "left") and gr != rows:
         raise RequestError(f"outpaint {direction}: canvas height {height} must equal the "
-                           f"picture's {given.shape[0]} tokens.")
+                           f"picture's {given.shape[-2]} tokens.")
       if direction in ("down", "up") and gc != cols:
         raise RequestError(f"outpaint {direction}: canvas width {width} must equal the "
-                           f"picture's {given.shape[1]} tokens.")
+                           f"picture's {given.shape[-1]} tokens.")
       if gr > rows or gc > cols or (gr, gc) == (rows, cols):
         raise RequestError(f"outpaint: the canvas {(height, width)} must be larger than the "
-                           f"picture {given.shape} tokens.")
+                           f"picture {given.shape[-2:]} tokens.")
       r0 = {"down": 0, "up": rows - gr}.get(direction, (rows - gr) // 2)
       c0 = {"right": 0, "left": cols - gc}.get(direction, (cols - gc) // 2)
       order_direction = direction
-    tokens[:, 0, r0 * pr:(r0 + gr) * pr, c0 * pc:(c0 + gc) * pc] = given
+    tokens[:, 0, r0 * pr:(r0 + gr) * pr, c0 * pc:(c0 + gc) * pc] = given  # [h, w] or [B, h, w]
     given_patches[0, r0:r0 + gr, c0:c0 + gc] = True
 
   if task == "outpaint" and direction == "around":
@@ -167,10 +169,12 @@ def make_canvas(task: str, patch: Sequence[int], batch: int, height: int, width:
 # Generation
 # ----------------------------------------------------------------------------------------
 
-def _signature(canvas: Canvas, seed: int, options) -> str:
+def _signature(canvas: Canvas, seed: int, options, sample_ids: np.ndarray) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([canvas.task, canvas.grid, canvas.patch, canvas.batch, seed,
                        dataclasses.asdict(options)], default=str).encode())
+  if not np.array_equal(sample_ids, np.arange(canvas.batch)):
+    h.update(np.asarray(sample_ids, np.int64).tobytes())
   h.update(np.ascontiguousarray(canvas.given).tobytes())
   h.update(np.ascontiguousarray(canvas.tokens).tobytes())
   if canvas.text is not None:
@@ -204,18 +208,24 @@ class Progress:
 
 def generate(sampler: PatchSampler, canvas: Canvas, seed: int = 0, out_dir: str | None = None,
              on_unit: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-             stop_after: int | None = None, progress: bool = True) -> np.ndarray:
+             stop_after: int | None = None, progress: bool = True,
+             sample_ids: Sequence[int] | None = None) -> np.ndarray:
   """Fills the canvas; returns tokens [B, frames, Hq, Wq].
 
   Args:
     sampler: compiled for this model and `canvas.batch`.
-    seed: patch i of the order uses `patch_key(seed, i)`.
+    seed: row b, patch i of the order uses `patch_keys(seed, i, sample_ids)[b]`.
     out_dir: where `state.npz` is kept (resume); None: no state.
     on_unit: called as on_unit(unit, tokens, finished_patches_mask [frames, rows, cols]) each
       time a unit completes (streaming decode), in generation order.
     stop_after: stop (as if interrupted) after this many patches of the order.
+    sample_ids: the global index of each row (default 0..B-1): a sample's tokens depend on
+      (seed, its index) only, whatever the batch it is drawn in.
   """
   model = sampler.model
+  sample_ids = np.arange(canvas.batch) if sample_ids is None else np.asarray(sample_ids)
+  if sample_ids.shape != (canvas.batch,):
+    raise RequestError(f"sample_ids has shape {sample_ids.shape}, expected ({canvas.batch},).")
   if canvas.batch != sampler.batch:
     raise RequestError(f"the canvas has batch {canvas.batch}, the sampler {sampler.batch}.")
   if canvas.patch != (model.patch_rows, model.patch_cols):
@@ -230,7 +240,7 @@ def generate(sampler: PatchSampler, canvas: Canvas, seed: int = 0, out_dir: str 
     if text.shape[1] != model.text_len:
       raise RequestError(f"caption has {text.shape[1]} ids, the model takes {model.text_len}.")
 
-  signature = _signature(canvas, seed, sampler.options)
+  signature = _signature(canvas, seed, sampler.options, sample_ids)
   state_path = os.path.join(out_dir, "state.npz") if out_dir else None
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
@@ -270,7 +280,7 @@ def generate(sampler: PatchSampler, canvas: Canvas, seed: int = 0, out_dir: str 
     if i < done or canvas.given[t, r, c]:
       patch_tokens = tokens[window].reshape(canvas.batch, pr * pc)
     else:
-      patch_tokens = sampler.sample(pool, fields, patch_key(seed, i))
+      patch_tokens = sampler.sample(pool, fields, patch_keys(seed, i, sample_ids))
       tokens[window] = patch_tokens.reshape(canvas.batch, pr, pc)
     pool = sampler.commit(pool, fields, patch_tokens,
                           np.full((canvas.batch,), schedule.write_slot[i], np.int32))

@@ -99,6 +99,7 @@ class Loaded:
   vq_variables: Any
   factor: int
   captions: Any  # CaptionTokenizer or None
+  abstract_params: Any = None
   samplers: dict = dataclasses.field(default_factory=dict)  # (batch, options) → PatchSampler
 
   def sampler(self, batch: int, options):
@@ -109,22 +110,16 @@ class Loaded:
     return self.samplers[(batch, options)]
 
 
-def load(request: Request) -> Loaded:
-  """NUWA model + params, the VQGAN and the caption tokenizer of a request (checked)."""
+def load_parts(config, tokenizer: str = "", spm: str = "", text: bool = False) -> Loaded:
+  """The NUWA model (without parameters), the VQGAN and the caption tokenizer of a config."""
   import jax  # pylint: disable=g-import-not-at-top
   from nuwa_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
   from nuwa_jax.models.quantizer import STATS  # pylint: disable=g-import-not-at-top
   from nuwa_jax.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from nuwa_jax.runtime.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
   from nuwa_jax.trainers import nuwa_infinity  # pylint: disable=g-import-not-at-top
   from nuwa_jax.trainers import vqgan as vqgan_trainer  # pylint: disable=g-import-not-at-top
-
-  config = _load_config(request.checkpoint, "--checkpoint")
-  if config.get("trainer") != "nuwa_infinity":
-    raise RequestError(f"--checkpoint={request.checkpoint} holds a {config.get('trainer')!r} "
-                       "model, not nuwa_infinity.")
   metas = _token_metas(config)
-  tokenizer_dir = request.tokenizer or config.data.get("tokenizer_workdir", "") or next(
+  tokenizer_dir = tokenizer or config.data.get("tokenizer_workdir", "") or next(
       (meta["tokenizer_workdir"] for meta in metas if meta.get("tokenizer_workdir")), "")
   if not tokenizer_dir:
     raise RequestError("no tokenizer: pass --tokenizer=VQGAN_WORKDIR (the checkpoint's config "
@@ -134,25 +129,44 @@ def load(request: Request) -> Loaded:
   if vq_config.model.num_codes != m.vocab:
     raise RequestError(f"tokenizer {tokenizer_dir} has {vq_config.model.num_codes} codes but the "
                        f"model's vocabulary is {m.vocab}.")
-  if request.text and not m.text_len:
-    raise RequestError(f"--text given but the model in {request.checkpoint} has no text "
-                       "encoder (model.text_len 0).")
-  spm = request.spm or config.data.get("caption_model", "") or next(
+  spm = spm or config.data.get("caption_model", "") or next(
       (meta["caption_model"] for meta in metas if meta.get("caption_model")), "")
-  if request.text and (not spm or not os.path.isfile(spm)):
+  if text and (not spm or not os.path.isfile(spm)):
     raise RequestError(f"--text needs the caption tokenizer: --spm={spm or '(unset)'} is not "
                        "a file (captions.model of the training dataset).")
   captions = captions_lib.CaptionTokenizer(spm) if m.text_len and spm and os.path.isfile(
       spm) else None
-  factor = 2 ** (len(vq_config.model.ch_mult) - 1)
-  check_sizes(request, (m.patch_rows * factor, m.patch_cols * factor))  # before any compute
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
   layout = nuwa_infinity.make_layout(config, mesh)
-  params = restore_params(os.path.join(request.checkpoint, "checkpoints"),
-                          layout.sharded.abstract.params)
   vq_model, vq_params, stats = vqgan_trainer.load(vq_config, tokenizer_dir, mesh)
   variables = {"params": vq_params, **({STATS: stats} if stats else {})}
-  return Loaded(config, layout.model, params, vq_model, variables, vq_model.factor, captions)
+  loaded = Loaded(config, layout.model, None, vq_model, variables, vq_model.factor, captions)
+  loaded.abstract_params = layout.sharded.abstract.params
+  return loaded
+
+
+def load(request: Request) -> Loaded:
+  """NUWA model + params, the VQGAN and the caption tokenizer of a request (checked)."""
+  from nuwa_jax.runtime.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
+  config = _load_config(request.checkpoint, "--checkpoint")
+  if config.get("trainer") != "nuwa_infinity":
+    raise RequestError(f"--checkpoint={request.checkpoint} holds a {config.get('trainer')!r} "
+                       "model, not nuwa_infinity.")
+  m = config.model
+  if request.text and not m.text_len:
+    raise RequestError(f"--text given but the model in {request.checkpoint} has no text "
+                       "encoder (model.text_len 0).")
+  # Sizes are checked before anything is loaded; the factor comes from the tokenizer's config.
+  metas = _token_metas(config)
+  tokenizer_dir = request.tokenizer or config.data.get("tokenizer_workdir", "") or next(
+      (meta["tokenizer_workdir"] for meta in metas if meta.get("tokenizer_workdir")), "")
+  if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, "config.json")):
+    factor = 2 ** (len(_load_config(tokenizer_dir, "--tokenizer").model.ch_mult) - 1)
+    check_sizes(request, (m.patch_rows * factor, m.patch_cols * factor))
+  loaded = load_parts(config, request.tokenizer, request.spm, bool(request.text))
+  loaded.params = restore_params(os.path.join(request.checkpoint, "checkpoints"),
+                                 loaded.abstract_params)
+  return loaded
 
 
 # ----------------------------------------------------------------------------------------

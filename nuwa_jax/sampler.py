@@ -33,6 +33,7 @@ instead: the reference the cache is tested against, and a benchmark baseline.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from nuwa_jax import context_pool
 from nuwa_jax.models import nuwa as nuwa_model
-from nuwa_jax.trainers.nuwa_infinity import gather_memory, write_pool
+from nuwa_jax.nuwa.pool import gather_memory, write_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +85,31 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
   return logits
 
 
-def choose(logits, key, options: SamplingOptions):
-  """One token per row of [B, V] logits."""
+def choose(logits, keys, options: SamplingOptions):
+  """One token per row of [B, V] logits, row b drawn with its own key keys[b]."""
   if options.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits, options.temperature, options.top_k, options.top_p)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def patch_key(seed: int, index: int) -> jax.Array:
-  """The random key of patch `index` of the order (resume-safe: depends on nothing else)."""
-  return jax.random.fold_in(jax.random.key(seed), index)
+def fold_rows(keys, data):
+  """fold_in of the same `data` into every key of a [B] key array."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
+
+
+def sample_key(seed: int, sample: int) -> jax.Array:
+  """The key of sample `sample` (its global index in a request or an evaluation)."""
+  return jax.random.fold_in(jax.random.key(seed), sample)
+
+
+def patch_keys(seed: int, index: int, samples) -> jax.Array:
+  """[B] keys of patch `index` of the order for the given sample indices: sample s, patch i
+  uses fold_in(sample_key(seed, s), i), so a sample depends on its seed and index only — not
+  on the batch it is drawn in, on interruptions, or on the other rows."""
+  samples = jnp.asarray(samples, jnp.uint32)
+  base = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), samples)
+  return fold_rows(base, index)
 
 
 def compute_dtype_kernels(params, dtype):
@@ -119,6 +134,7 @@ class PatchSampler:
     all (`context_pool.sampling_context_entries`); `model.num_context`: one per offset."""
     options.check(model.vocab, bool(model.text_len))
     dtype = nuwa_model._dtype(model.dtype)  # pylint: disable=protected-access
+    self._base_model = model
     model, params = nuwa_model.unrolled(model, params)  # per-layer caches, written in place
     params = compute_dtype_kernels(params, dtype)
     self.model, self.params, self.batch, self.options = model, params, batch, options
@@ -134,7 +150,7 @@ class PatchSampler:
                   offset=spec((batch, k), jnp.int32),
                   text=spec((batch, l), jnp.int32), text_mask=spec((batch, l), jnp.bool_))
     abstract_params = jax.tree.map(lambda a: spec(a.shape, a.dtype), params)
-    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
     fn = self._sample_cached if options.cached else self._sample_uncached
     self._sample = jax.jit(fn).lower(abstract_params, pool, fields, key).compile()
     self._commit = jax.jit(self._commit_fn, donate_argnums=(1,)).lower(
@@ -143,11 +159,20 @@ class PatchSampler:
 
   # -- host API ----------------------------------------------------------------------------
 
+  def with_params(self, params: Any) -> "PatchSampler":
+    """The same compiled sampler with other parameters of the same model (a later
+    checkpoint): nothing is compiled again."""
+    other = copy.copy(self)
+    _, unrolled = nuwa_model.unrolled(self._base_model, params)
+    other.params = compute_dtype_kernels(unrolled, self._pool_dtype)
+    return other
+
   def new_pool(self) -> jax.Array:
     return jnp.zeros(self.pool_shape, self._pool_dtype)
 
   def sample(self, pool, fields: dict, key) -> np.ndarray:
-    """Tokens [batch, P] of the next patch (pool untouched)."""
+    """Tokens [batch, P] of the next patch (pool untouched); `key`: [batch] keys, one per row
+    (`patch_keys`)."""
     return np.asarray(self._sample(self.params, pool, self._fields(fields), key))
 
   def commit(self, pool, fields: dict, tokens: np.ndarray, write_slot: np.ndarray):
@@ -209,7 +234,7 @@ class PatchSampler:
       logits, full = model.apply(variables, full, j, prev, rows["valid"], text_context,
                                  text_mask, rows["offset"],
                                  method=nuwa_model.Model.decode_token)
-      token = choose(self._combine(logits), jax.random.fold_in(key, j), self.options)
+      token = choose(self._combine(logits), fold_rows(key, j), self.options)
       tokens = tokens.at[:, j].set(token)
       prev = jnp.concatenate([token, token]) if self.guided else token
       return tuple(layer[2:] for layer in full), tokens, prev
@@ -229,7 +254,7 @@ class PatchSampler:
       logits, _ = model.apply({"params": params}, seen, memory, rows["valid"], rows["text"],
                               rows["text_mask"], memory_offset=rows["offset"])
       logits = jax.lax.dynamic_index_in_dim(logits, j, axis=1, keepdims=False)
-      token = choose(self._combine(logits), jax.random.fold_in(key, j), self.options)
+      token = choose(self._combine(logits), fold_rows(key, j), self.options)
       return tokens.at[:, j].set(token)
 
     return jax.lax.fori_loop(0, p, body, jnp.zeros((self.batch, p), jnp.int32))

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nuwa_jax.config_utils import parse_flags, write_config
+from nuwa_jax.runtime.checkpoint import clear_finished, mark_finished
 from nuwa_jax.runtime import distributed, host_memory
 from nuwa_jax.runtime.logs import quiet_library_logs
 
@@ -52,7 +53,10 @@ def main(argv):
     sys.exit(2)
   if jax.process_index() == 0:
     logging.info("config written to %s", write_config(config, _WORKDIR.value))
-  trainer.train(config, _WORKDIR.value)
+    clear_finished(_WORKDIR.value)
+  result = trainer.train(config, _WORKDIR.value)
+  if jax.process_index() == 0 and not result.get("preempted"):
+    mark_finished(_WORKDIR.value, int(result["last_step"]))
 
 
 if __name__ == "__main__":

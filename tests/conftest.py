@@ -75,7 +75,7 @@ def save_state(state, config, workdir: str, step: int = 1):
   that read checkpoints."""
   from nuwa_jax.config_utils import write_config  # pylint: disable=g-import-not-at-top
   from nuwa_jax.runtime.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 1, async_save=False)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 1, 10, async_save=False)
   ckpt.maybe_save(step, state, {"batches": step}, force=True)
   ckpt.wait()
   ckpt.close()

@@ -100,7 +100,7 @@ def test_iterator_resumes_at_the_same_batches():
 
 
 def test_resume_equals_uninterrupted_and_each_step_compiles_once(tmp_path):
-  overrides = {"total_steps": 8, "checkpoint.every_steps": 2, "eval.every_steps": 4,
+  overrides = {"total_steps": 8, "checkpoint.every_steps": 2, "evals.held_out.every_steps": 4,
                "data.num_train": 64, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
   straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
 
@@ -138,7 +138,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, repo_root):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "nuwa_jax.train", "--config=configs/baseline.py:size=tiny",
          f"--workdir={workdir}", "--config.total_steps=100000", "--config.log_every_steps=1",
-         "--config.checkpoint.every_steps=100000", "--config.eval.every_steps=100000"]
+         "--config.checkpoint.every_steps=100000", "--config.evals.held_out.every_steps=100000"]
   proc = subprocess.Popen(cmd, cwd=repo_root, env=subprocess_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"

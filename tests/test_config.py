@@ -82,7 +82,7 @@ def test_bad_variant_on_the_command_line_is_one_clear_line(repo_root, tmp_path):
 
 def test_resolved_config_is_written_to_the_workdir(repo_root, tmp_path):
   result = _train(repo_root, tmp_path, "--config.total_steps=2", "--config.optimizer.lr=3e-4",
-                  "--config.eval.batches=1")
+                  "--config.evals.held_out.num_batches=1")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "w" / "config.json") as f:
     written = json.load(f)

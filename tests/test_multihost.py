@@ -23,12 +23,12 @@ STEPS = 6
 TRAIN_ARGS = [
     f"--config={os.path.join(REPO, 'configs', 'baseline.py')}:size=tiny",
     f"--config.total_steps={STEPS}", "--config.log_every_steps=1",
-    f"--config.eval.every_steps={STEPS}", "--config.checkpoint.every_steps=3",
+    f"--config.evals.held_out.every_steps={STEPS}", "--config.checkpoint.every_steps=3",
     "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
 ]
 # Logged values that depend on the computation only (not on timing).
 TRAIN_KEYS = ("loss", "nll", "accuracy", "grad_norm", "lr")
-EVAL_KEYS = ("eval_nll", "eval_accuracy")
+EVAL_KEYS = ("held_out/nll", "held_out/accuracy")
 
 
 def free_port() -> int:
@@ -84,7 +84,7 @@ def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     lines = [json.loads(line) for line in f if line.strip()]
   train = [r for r in lines if "loss" in r]
-  evals = [r for r in lines if "eval_nll" in r]
+  evals = [r for r in lines if "held_out/nll" in r]
   assert len(train) + len(evals) == len(lines), lines
   return train, evals
 

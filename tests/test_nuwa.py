@@ -201,22 +201,27 @@ def test_sharded_and_single_device_patch_steps_agree():
 
 
 def test_short_run_beats_unigram_and_compiles_the_patch_step_once(tmp_path):
-  config = tiny_config(**{"total_steps": 240, "eval.every_steps": 1000,
+  config = tiny_config(**{"total_steps": 240, "evals.nll.every_steps": 1000,
                           "checkpoint.every_steps": 1000, "data.num_train": 256})
   with CompileCounter() as counter:
     out = trainer.train(config, str(tmp_path / "run"))
   # Several grid sizes (1x1 .. 3x3, 1x4, 2 frames) and random orders: one compile.
   assert counter.names.count("jit(step)") == 1, counter.names
   assert counter.names.count("jit(eval_step)") == 1, counter.names
-  eval_nll = evaluate_nll(config, out)
-  unigram = trainer.unigram_nll(out["train_source"], config.model.vocab)
-  # Measured: 1.43 vs 2.04 (0.70); an untrained model is at ln(256) = 5.5.
-  assert eval_nll < 0.8 * unigram, (eval_nll, unigram)
+  eval_bits = evaluate_bits(config, out)
+  unigram = trainer.unigram_nll(out["train_source"], config.model.vocab) / np.log(2)
+  # Measured: 1.43 vs 2.04 nats (0.70); an untrained model is at ln(256) = 5.5 nats.
+  assert eval_bits < 0.8 * unigram, (eval_bits, unigram)
 
 
-def evaluate_nll(config, out):
-  return trainer.evaluate(config, out["built"], out["state"].params, out["eval_source"],
-                          chains=2)["eval_nll"]
+def evaluate_bits(config, out):
+  """Held-out bits per token through the nll evaluator, as the trainer runs it."""
+  from nuwa_jax.evaluators import common as eval_common
+  entries = eval_common.from_config(
+      {"nll": dict(type="nll", num_chains=2, empty_pool=False)},
+      trainer.predictors(config, out["built"], out["eval_source"]))
+  (_, scores, _, _), = eval_common.run(entries, out["state"])
+  return scores["nll/bits"]
 
 
 def test_context_from_the_pool_predicts_a_repeated_half(tmp_path):
@@ -224,7 +229,7 @@ def test_context_from_the_pool_predicts_a_repeated_half(tmp_path):
   predictable only through the pool (e_w = 2 patches = half the width)."""
   config = tiny_config(**{"total_steps": 240, "grids": ((1, 2, 4),), "order": "right",
                           "data.mirror": True, "data.num_train": 256, "model.text_len": 0,
-                          "eval.every_steps": 1000, "checkpoint.every_steps": 1000})
+                          "evals.nll.every_steps": 1000, "checkpoint.every_steps": 1000})
   out = trainer.train(config, str(tmp_path / "run"))
   built, params = out["built"], out["state"].params
   from nuwa_jax.data.pipeline import HostBatchIterator
@@ -243,7 +248,7 @@ def test_context_from_the_pool_predicts_a_repeated_half(tmp_path):
 
 def test_full_chain_mode_trains(tmp_path):
   config = tiny_config(**{"mode": "full_chain", "total_steps": 12, "grids": ((1, 2, 2),),
-                          "eval.every_steps": 1000, "checkpoint.every_steps": 1000,
+                          "evals.nll.every_steps": 1000, "checkpoint.every_steps": 1000,
                           "log_every_steps": 1})
   out = trainer.train(config, str(tmp_path / "run"))
   losses = [h["loss"] for h in out["history"]]
@@ -283,7 +288,7 @@ def test_time_budget_stops_at_a_chain_end_with_checkpoint_and_eval(tmp_path):
   """max_train_seconds: the run stops at the first chain end after the budget (here the first
   chain), saves that step and evaluates it, far before total_steps."""
   config = tiny_config(**{"total_steps": 10_000, "max_train_seconds": 1e-3,
-                          "grids": ((1, 2, 2),), "eval.every_steps": 1000,
+                          "grids": ((1, 2, 2),), "evals.nll.every_steps": 1000,
                           "checkpoint.every_steps": 1000, "log_every_steps": 1})
   out = trainer.train(config, str(tmp_path / "run"))
   assert out["last_step"] == 4  # one 2x2 chain
@@ -292,7 +297,7 @@ def test_time_budget_stops_at_a_chain_end_with_checkpoint_and_eval(tmp_path):
   assert ckpt.latest_step() == 4
   ckpt.close()
   rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-  assert [r["step"] for r in rows if "eval_nll" in r] == [4], rows
+  assert [r["step"] for r in rows if "nll/bits" in r] == [4], rows
 
 
 def test_context_entries_default_covers_the_orders_and_is_checked():

@@ -90,8 +90,8 @@ def config_for(data, kinds, **overrides):
   config.data.data_dir = data["data_dir"]
   config.grids = GRIDS
   config.log_every_steps = 1
-  config.checkpoint.every_steps = config.eval.every_steps = 1000
-  config.eval.chains = 3
+  config.checkpoint.every_steps = config.evals.nll.every_steps = 1000
+  config.evals.nll.num_chains = 3
   return override(config, **overrides)
 
 
@@ -111,7 +111,7 @@ def test_the_train_command_trains_on_the_mix_of_all_kinds(data, tmp_path):
   cmd = [sys.executable, "-m", "nuwa_jax.train",
          "--config=configs/nuwa_infinity.py:size=tiny,data=token_grids,steps=20",
          f"--config.data.dataset={folders}", f"--config.data.data_dir={data['data_dir']}",
-         f"--config.grids={GRIDS}", "--config.eval.chains=3", "--config.log_every_steps=1",
+         f"--config.grids={GRIDS}", "--config.evals.nll.num_chains=3", "--config.log_every_steps=1",
          f"--workdir={workdir}"]
   result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(devices=1), capture_output=True,
                           text=True, timeout=600, check=False)
@@ -122,8 +122,8 @@ def test_the_train_command_trains_on_the_mix_of_all_kinds(data, tmp_path):
   assert len(losses) == 20 and np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < losses[0] - 0.5, losses  # from ln(512) = 6.24
   # The held-out score at the end covers every kind, one batch each.
-  scores = [r for r in rows if "eval_nll" in r][-1]
-  assert all(np.isfinite(scores[f"eval_nll/{k}"]) for k in KINDS), scores
+  scores = [r for r in rows if "nll/bits" in r][-1]
+  assert all(np.isfinite(scores[f"nll/bits/right/{k}"]) for k in KINDS), scores
 
 
 def test_chains_of_each_kind_have_its_grids_and_text_only_where_captioned(data):

@@ -397,6 +397,7 @@ def pretokenize(tokenizer_workdir: str, source_builder, out_dir: str, short_side
           "num_codes": int(config.model.num_codes), "factor": int(encoder.factor),
           "short_side": int(short_side), "text_len": int(text_len),
           "source": source_builder.info.full_name,
+          "source_dir": os.path.abspath(str(source_builder.data_dir)),  # pixels for evaluation
           "caption_model": tokenizer.model_path if tokenizer else "",
           "caption_model_sha256": _sha256_of_file(tokenizer.model_path) if tokenizer else "",
           "caption_vocab": tokenizer.vocab_size if tokenizer else 0}

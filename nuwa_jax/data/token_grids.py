@@ -255,7 +255,8 @@ class ChainBatch:
                rngs: Sequence[np.random.Generator], order: str = "random",
                max_context: int | None = None):
     """Args: one rng per example (from its place in the global order, so that a chain does
-    not depend on how many hosts share the batch); order: 'random' or a raster direction;
+    not depend on how many hosts share the batch); order: 'random', a raster direction, or
+    'around' (outward rings from the central patch);
     max_context: context entries per step (None: one per offset, K)."""
     frames, rows, cols = grid
     window = (frames, rows * patch[0], cols * patch[1])
@@ -264,6 +265,9 @@ class ChainBatch:
       grid_tokens = crop_window(np.asarray(ex["tokens"]), window, rng)
       if order == "random":
         chain_order = orders_lib.sample_order(rng, grid)
+      elif order == "around":  # outward rings around the central patch
+        r0, c0 = grid[1] // 2, grid[2] // 2
+        chain_order = orders_lib.rings(grid, (r0, c0, r0 + 1, c0 + 1))
       else:
         chain_order = orders_lib.raster(grid, order)
       orders.append(chain_order)

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -95,3 +97,30 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     return restored["state"]["params"]
   finally:
     ckpt.close()
+
+
+FINISHED = "FINISHED.json"  # written by the train command when a run ends (not pre-empted)
+
+
+def mark_finished(workdir: str, step: int) -> str:
+  """Records that training in `workdir` ended at `step` (continuous evaluation stops then)."""
+  path = os.path.join(workdir, FINISHED)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"step": int(step), "time": time.time()}, f)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def clear_finished(workdir: str) -> None:
+  """A run that starts (again) is not finished."""
+  if os.path.isfile(os.path.join(workdir, FINISHED)):
+    os.remove(os.path.join(workdir, FINISHED))
+
+
+def finished_step(workdir: str) -> int | None:
+  """The step recorded by `mark_finished`, or None while training has not finished."""
+  path = os.path.join(workdir, FINISHED)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return int(json.load(f)["step"])

@@ -25,12 +25,14 @@ class NonFiniteLossError(FloatingPointError):
 class MetricWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb/`."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, jsonl: bool = True):
+    """jsonl=False: TensorBoard only (for callers that write richer rows themselves)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      if jsonl:
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
@@ -41,8 +43,9 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._jsonl.flush()
+    if self._jsonl:
+      self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))

@@ -23,6 +23,7 @@ from nuwa_jax.config_utils import (ConfigError, check_batch_layout, check_choice
                                    check_positive)
 from nuwa_jax.data.pipeline import HostBatchIterator, abstract_batch
 from nuwa_jax.data.synthetic_tokens import SyntheticTokens
+from nuwa_jax.evaluators import common as eval_common
 from nuwa_jax.models import baseline as baseline_model
 from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime import sharding as shd
@@ -153,11 +154,12 @@ def make_train_fn(config: ml_collections.ConfigDict, layout: Layout):
                          layout.schedule, config.seed)
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
-  """Lays out the state and compiles the train and eval steps, once each."""
+def build(config: ml_collections.ConfigDict, mesh: Mesh, train: bool = True) -> Built:
+  """Lays out the state and compiles the train (unless train=False) and eval steps."""
   layout = make_layout(config, mesh)
   model, sharded, batch_spec = layout.model, layout.sharded, layout.abstract_batch
-  train_step = compile_step(make_train_fn(config, layout), sharded, batch_spec)
+  train_step = (compile_step(make_train_fn(config, layout), sharded, batch_spec) if train
+                else None)
 
   def eval_fn(params, batch):
     logits = model.apply({"params": params}, batch["text"], batch["image"])
@@ -174,13 +176,19 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
                eval_source)
 
 
-def evaluate(built: Built, params, config) -> dict[str, float]:
-  """Mean held-out metrics over `config.eval.batches` fixed batches."""
-  it = HostBatchIterator(built.eval_source, config.batch_size, built.batch_sharding,
-                         seed=0, shuffle=False)
-  results = [built.eval_step(params, next(it)) for _ in range(config.eval.batches)]
-  results = jax.device_get(results)
-  return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+def make_evaluation(config, mesh: Mesh) -> tuple[dict[str, Any], ShardedState]:
+  """(predictors, sharded state layout) for evaluating checkpoints of this config."""
+  built = build(config, mesh, train=False)
+  return predictors(config, built), built.sharded
+
+
+def predictors(config, built: Built) -> dict[str, Any]:
+  """What the evaluators of `config.evals` may use (nuwa_jax/evaluators/common.py)."""
+  def eval_batches(count):
+    it = HostBatchIterator(built.eval_source, config.batch_size, built.batch_sharding,
+                           seed=0, shuffle=False)
+    return (next(it) for _ in range(count))
+  return {"eval_batches": eval_batches, "eval_step": built.eval_step}
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,6 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("baseline: %.2fM parameters, %d tokens/step", n_params / 1e6,
                built.layout.tokens_per_step)
 
+  evals = eval_common.from_config(config.evals, predictors(config, built))
   ckpt = Checkpointer(f"{workdir}/checkpoints", config.checkpoint.every_steps,
                       config.checkpoint.keep, config.checkpoint.async_save)
   state, data_state, start = ckpt.restore_or_init(built.sharded, config.seed)
@@ -209,19 +218,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   preemption = PreemptionWatcher()
   last = config.total_steps if config.stop_at_step <= 0 else min(config.stop_at_step,
                                                                   config.total_steps)
-  step = start
+  step, stop = start, False
   try:
     for step in range(start + 1, last + 1):
       state, step_metrics = built.train_step(state, next(batches))
       metrics.push(step, step_metrics)
       stop = preemption.should_stop(step)
       ckpt.maybe_save(step, state, batches.state(), force=stop or step == last)
-      if step % config.eval.every_steps == 0 or step == last:
+      todo = eval_common.due(evals, step, step - 1, step == last)
+      if todo:
         metrics.flush()
-        scores = evaluate(built, state.params, config)
-        writer.write(step, scores)
-        logging.info("step %d eval %s", step,
-                     " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        eval_common.run_and_write(todo, state, step, writer)
       if stop:
         logging.warning("pre-empted: checkpoint of step %d saved, exiting.", step)
         break
@@ -230,4 +237,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.wait()
     ckpt.close()
     writer.close()
-  return {"history": metrics.history, "last_step": step, "state": state}
+  return {"history": metrics.history, "last_step": step, "state": state,
+          "preempted": bool(stop)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any
 
@@ -32,9 +33,15 @@ from jax.sharding import Mesh
 from nuwa_jax import context_pool
 from nuwa_jax.config_utils import (ConfigError, check_batch_layout, check_choice,
                                    check_positive)
+from nuwa_jax.data import datasets
+from nuwa_jax.data import references as data_refs
 from nuwa_jax.data.pipeline import HostBatchIterator
 from nuwa_jax.data.token_grids import ChainBatch, SyntheticTokenGrids, unigram_cross_entropy
+from nuwa_jax.evaluators import common as eval_common
+from nuwa_jax.evaluators import references as evaluator_refs
+from nuwa_jax.evaluators import sampling
 from nuwa_jax.models import nuwa as nuwa_model
+from nuwa_jax.nuwa.pool import gather_memory, write_pool
 from nuwa_jax.orders import DIRECTIONS
 from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime import sharding as shd
@@ -128,9 +135,10 @@ def make_sources(config):
   for name, train, test in zip(eval_source.names, train_source.sources, eval_source.sources):
     logging.info("held-out %s: unigram baseline nll %.3f (train-split token frequencies)",
                  name, unigram_cross_entropy(train, test, m.vocab))
-  if config.eval.chains < len(eval_source.names):
-    logging.warning("config.eval.chains=%d < %d datasets: held-out scores miss some of them.",
-                    config.eval.chains, len(eval_source.names))
+  for name, ev in (config.get("evals") or {}).items():
+    if ev.get("type") == "nll" and ev.get("num_chains", 6) < len(eval_source.names):
+      logging.warning("config.evals.%s.num_chains=%d < %d datasets: held-out scores miss some "
+                      "of them.", name, ev.get("num_chains", 6), len(eval_source.names))
   return train_source, eval_source
 
 
@@ -223,27 +231,6 @@ def make_layout(config: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
   sharded = ShardedState(init_params, tx, mesh, rules)
   sharded.check(config.sharding.max_replicated_size)
   return Layout(model, tx, schedule, sharded, abstract, pool, b * m.patch_rows * m.patch_cols)
-
-
-def gather_memory(pool, context_slot):
-  """pool [L, B, S, P, D], slots [B, M] → memory [L, B, M, P, D]. Slots are in range by
-  construction (context_pool gives invalid entries slot 0): clipped, not checked (the default
-  mode fills out-of-range rows with NaN, a select that XLA fuses into every reader)."""
-  return jnp.take_along_axis(pool, context_slot[None, :, :, None, None], axis=2, mode="clip")
-
-
-def write_pool(pool, write_slot, hidden):
-  """Stores hidden [L, B, P, D] at each example's slot.
-
-  A bfloat16 pool is scattered as uint16 bits: XLA:CPU has no bf16 scatter and would convert
-  the whole pool to float32 and back around it (measured ~0.5 s a step at the issue's size)."""
-  batch = jnp.arange(pool.shape[1])
-  hidden = hidden.astype(pool.dtype)
-  if pool.dtype == jnp.bfloat16:
-    bits = jax.lax.bitcast_convert_type
-    return bits(bits(pool, jnp.uint16).at[:, batch, write_slot].set(bits(hidden, jnp.uint16)),
-                jnp.bfloat16)
-  return pool.at[:, batch, write_slot].set(hidden)
 
 
 def patch_forward(model, params, pool, batch, rng, cond_dropout: float, train: bool):
@@ -348,8 +335,9 @@ def _shardings(tree):
   return jax.tree.map(lambda a: a.sharding, tree)
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
-  """Lays out the state and compiles the per-patch train and eval steps, once each."""
+def build(config: ml_collections.ConfigDict, mesh: Mesh, train: bool = True) -> Built:
+  """Lays out the state and compiles the per-patch train (unless train=False) and eval
+  steps, once each."""
   layout = make_layout(config, mesh)
   sharded, pool, batch = layout.sharded, layout.abstract_pool, layout.abstract_batch
   with shd.activation_sharding(mesh, config.sharding.rules):
@@ -357,7 +345,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
         make_train_fn(config, layout),
         in_shardings=(sharded.shardings, pool.sharding, _shardings(batch)),
         out_shardings=(sharded.shardings, pool.sharding, sharded.replicated()),
-        donate_argnums=(0, 1)).lower(sharded.abstract, pool, batch).compile()
+        donate_argnums=(0, 1)).lower(sharded.abstract, pool, batch).compile() if train else None
     eval_step = jax.jit(
         make_eval_fn(config, layout),
         in_shardings=(sharded.shardings.params, pool.sharding, _shardings(batch)),
@@ -420,21 +408,42 @@ def chain_nll(config, built: Built, params, chain: ChainBatch, empty_pool: bool 
   return np.stack(out)
 
 
-def evaluate(config, built: Built, params, source, order: str = "right",
-             chains: int | None = None) -> dict[str, float]:
-  """Mean held-out nll over `config.eval.chains` fixed chains in a fixed order (and per
-  dataset, `eval_nll/<name>`, when the source mixes several)."""
+def held_out_chains(config, built: Built, source, order: str, count: int):
+  """`count` fixed held-out batches of chains in `order` (the same ones every time)."""
   it = make_batches(config, source, built.mesh, train=False)
-  nlls, kinds = [], []
-  for _ in range(chains or config.eval.chains):
-    chain = next_chain(config, it, order)
-    nlls.append(chain_nll(config, built, params, chain).mean())
-    kinds.append(chain.kind)
-  scores = {"eval_nll": float(np.mean(nlls))}
-  for k, name in enumerate(getattr(source, "names", ())):
-    if k in kinds:
-      scores[f"eval_nll/{name}"] = float(np.mean([n for n, c in zip(nlls, kinds) if c == k]))
-  return scores
+  for _ in range(count):
+    yield next_chain(config, it, order)
+
+
+def predictors(config, built: Built, eval_source) -> dict[str, Any]:
+  """What the evaluators of `config.evals` may use (see nuwa_jax/evaluators/common.py).
+
+  `samples` and `references` are built on first use (they load the tokenizer named by the
+  data), so runs without sample-based evaluators never touch them."""
+  def samples():
+    return sampling.from_config(config)
+
+  def references():
+    folders = [f for f in config.data.get("dataset", "").split(",") if f]
+    names = getattr(eval_source, "names", ())
+    data_dir = config.data.get("data_dir", "") or datasets.default_data_dir()
+    return evaluator_refs.References(
+        {n: data_refs.source_dir(f, data_dir) for n, f in zip(names, folders)},
+        os.path.join(data_dir, "reference_stats"))
+
+  return {"chains": lambda order, count: held_out_chains(config, built, eval_source, order,
+                                                         count),
+          "chain_nll": lambda params, chain, empty: chain_nll(config, built, params, chain,
+                                                              empty),
+          "dataset_names": tuple(getattr(eval_source, "names", ())),
+          "samples": eval_common.Lazy(samples), "references": eval_common.Lazy(references)}
+
+
+def make_evaluation(config, mesh: Mesh) -> tuple[dict[str, Any], ShardedState]:
+  """(predictors, sharded state layout) for evaluating checkpoints of this config."""
+  _, eval_source = make_sources(config)
+  built = build(config, mesh, train=False)
+  return predictors(config, built, eval_source), built.sharded
 
 
 def unigram_nll(source, vocab: int, examples: int = 256) -> float:
@@ -467,6 +476,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("nuwa_infinity: %.2fM parameters, pool %s", n_params / 1e6,
                layout.abstract_pool.shape)
 
+  evals = eval_common.from_config(config.evals, predictors(config, built, eval_source))
   ckpt = Checkpointer(f"{workdir}/checkpoints", config.checkpoint.every_steps,
                       config.checkpoint.keep, config.checkpoint.async_save)
   state, data_state, step = ckpt.restore_or_init(layout.sharded, config.seed)
@@ -508,12 +518,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if due or stop or end:
         ckpt.maybe_save(step, state, batches.state(), force=True)
         last_saved = step
-      if step // config.eval.every_steps > (step - chain.num_steps) // config.eval.every_steps \
-          or end:
+      todo = eval_common.due(evals, step, step - chain.num_steps, end)
+      if todo:
         metrics.flush()
-        scores = evaluate(config, built, state.params, eval_source)
-        writer.write(step, scores)
-        logging.info("step %d eval %s", step, scores)
+        eval_common.run_and_write(todo, state, step, writer)
       if out_of_time and step < last:
         logging.warning("config.max_train_seconds=%g reached at step %d of %d: checkpoint "
                         "saved, stopping.", budget, step, last)
@@ -526,4 +534,4 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   return {"history": metrics.history, "last_step": step, "state": state, "built": built,
-          "eval_source": eval_source, "train_source": train_source}
+          "eval_source": eval_source, "train_source": train_source, "preempted": stop}

@@ -34,6 +34,7 @@ from nuwa_jax.config_utils import (
 )
 from nuwa_jax.data import datasets, transforms
 from nuwa_jax.data.pipeline import HostBatchIterator, abstract_batch
+from nuwa_jax.evaluators import common as eval_common
 from nuwa_jax.losses import gan
 from nuwa_jax.losses.perceptual import PerceptualLoss
 from nuwa_jax.models import vqgan as vqgan_model
@@ -331,7 +332,8 @@ class Built:
     return self.layout.sharded
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, train: bool = True) -> Built:
+  """Layout, the compiled train step (train=False: None, for evaluation) and reconstruct."""
   layout = make_layout(config, mesh)
   perceptual = PerceptualLoss(config.loss.perceptual_weights or None)
   if not perceptual.enabled:
@@ -343,7 +345,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Built:
     fn = lambda state, batch: train_fn(state, batch, lpips)
   else:
     fn = train_fn
-  train_step = compile_step(fn, layout.sharded, layout.abstract_batch)
+  train_step = compile_step(fn, layout.sharded, layout.abstract_batch) if train else None
   model = layout.model
 
   @jax.jit
@@ -366,55 +368,43 @@ def held_out_crops(config, source, count: int) -> np.ndarray:
 
 
 def held_out_sets(config, test_sources: dict) -> dict[str, np.ndarray]:
-  """{dataset name: `config.eval.crops` fixed held-out crops} (each dataset scored apart)."""
-  return {name: held_out_crops(config, src, config.eval.crops)
+  """{dataset name: `config.data.held_out_crops` fixed held-out crops} (scored apart)."""
+  # Runs written before data.held_out_crops kept the count in eval.crops.
+  count = config.data.get("held_out_crops", (config.get("eval") or {}).get("crops", 32))
+  return {name: held_out_crops(config, src, count)
           for name, src in test_sources.items() if len(src)}
 
 
-def image_scores(images: np.ndarray, recon: np.ndarray) -> tuple[float, float]:
-  """(mean PSNR in dB, mean SSIM) of [N, H, W, 3] images in [-1, 1]."""
-  from skimage.metrics import structural_similarity  # pylint: disable=g-import-not-at-top
-  a, r = (images + 1) / 2, (recon + 1) / 2
-  mse = np.mean((a - r) ** 2, axis=(1, 2, 3))
-  psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
-  ssim = float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0)
-                        for x, y in zip(a, r)]))
-  return psnr, ssim
-
-
-def evaluate(config, built: Built, state, images) -> tuple[dict[str, float], Any]:
-  """PSNR, SSIM and the share of codes in use on held-out crops.
-
-  `images`: [N, H, W, 3] array, or {dataset name: array}; then every dataset is also scored
-  on its own (eval_psnr/<name>, eval_ssim/<name>) and the overall figures are the means over
-  all crops. Returns (scores, reconstructions of the same structure as `images`).
-  """
-  sets = images if isinstance(images, dict) else {"": images}
+def reconstructor(config, built: Built):
+  """`reconstruct(state, images) -> (reconstructions, code indices)` in fixed-size batches
+  (one compiled shape)."""
   b = config.batch_size
-  scores, recons, indices, all_psnr, all_ssim = {}, {}, [], [], []
-  for name, imgs in sets.items():
-    recon = []
-    for i in range(0, len(imgs), b):
-      chunk = imgs[i:i + b]
+
+  def reconstruct(state, images):
+    recon, indices = [], []
+    for i in range(0, len(images), b):
+      chunk = images[i:i + b]
       n = len(chunk)
-      if n < b:  # one compiled shape
+      if n < b:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)])
       r, idx = built.reconstruct(state.params["gen"], state.extra, chunk)
       recon.append(np.asarray(r)[:n])
       indices.append(np.asarray(idx)[:n])
-    recon = np.concatenate(recon)
-    recons[name] = recon
-    psnr, ssim = image_scores(imgs, recon)
-    all_psnr.append((psnr, len(imgs)))
-    all_ssim.append((ssim, len(imgs)))
-    if name:
-      scores[f"eval_psnr/{name}"], scores[f"eval_ssim/{name}"] = psnr, ssim
-  total = sum(n for _, n in all_psnr)
-  used = len(np.unique(np.concatenate([i.reshape(-1) for i in indices])))
-  scores = {"eval_psnr": sum(p * n for p, n in all_psnr) / total,
-            "eval_ssim": sum(v * n for v, n in all_ssim) / total,
-            "eval_codes_used": used / config.model.num_codes, **scores}
-  return scores, (recons if isinstance(images, dict) else recons[""])
+    return np.concatenate(recon), np.concatenate(indices)
+  return reconstruct
+
+
+def predictors(config, built: Built, held_out: dict[str, np.ndarray]) -> dict[str, Any]:
+  """What the evaluators of `config.evals` may use (nuwa_jax/evaluators/common.py)."""
+  return {"reconstruct": reconstructor(config, built), "held_out": held_out,
+          "num_codes": int(config.model.num_codes)}
+
+
+def make_evaluation(config, mesh: Mesh) -> tuple[dict[str, Any], ShardedState]:
+  """(predictors, sharded state layout) for evaluating checkpoints of this config."""
+  _, test_sources = make_split_sources(config)
+  built = build(config, mesh, train=False)
+  return predictors(config, built, held_out_sets(config, test_sources)), built.sharded
 
 
 def recon_grid(held_out: dict[str, np.ndarray], recon: dict[str, np.ndarray],
@@ -450,6 +440,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ("batch",), mesh, config.sharding.rules), seed=config.seed,
                               start_batch=data_state["batches"], transform=crops(config))
   held_out = held_out_sets(config, test_sources)
+  evals = eval_common.from_config(config.evals, predictors(config, built, held_out))
   writer = MetricWriter(workdir)
   metrics = AsyncMetrics(writer, config.total_steps, layout.tokens_per_step,
                          config.log_every_steps, first_step=start)
@@ -457,7 +448,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last = config.total_steps if config.stop_at_step <= 0 else min(config.stop_at_step,
                                                                   config.total_steps)
   budget = float(config.get("max_train_seconds", 0) or 0)
-  step, scores = start, {}
+  step, scores, stop = start, {}, False
   try:
     for step in range(start + 1, last + 1):
       state, m = built.train_step(state, next(batches))
@@ -467,16 +458,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           t_start, budget)
       end = step == last or out_of_time
       ckpt.maybe_save(step, state, batches.state(), force=stop or end)
-      if step % config.eval.every_steps == 0 or end:
+      todo = eval_common.due(evals, step, step - 1, end)
+      if todo:
         metrics.flush()
-        scores, recon = evaluate(config, built, state, held_out)
-        scores["wall_seconds"] = time.time() - t_start
-        writer.write(step, scores)
-        logging.info("step %d eval %s", step,
-                     " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-        if jax.process_index() == 0:
-          image_io.save_png(os.path.join(workdir, f"recon_{step:06d}.png"),
-                            recon_grid(held_out, recon))
+        scores = eval_common.run_and_write(todo, state, step, writer)
+        writer.write(step, {"wall_seconds": time.time() - t_start})
+        for e in todo:
+          recon = getattr(e.evaluator, "last_reconstructions", None)
+          if recon and jax.process_index() == 0:
+            image_io.save_png(os.path.join(workdir, f"recon_{step:06d}.png"),
+                              recon_grid(held_out, recon))
       if stop:
         logging.warning("pre-empted: checkpoint of step %d saved, exiting.", step)
         break
@@ -490,7 +481,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   return {"history": metrics.history, "last_step": step, "state": state, "built": built,
-          "scores": scores}
+          "scores": scores, "preempted": bool(stop)}
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None):

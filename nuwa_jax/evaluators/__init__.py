@@ -1,0 +1,1 @@
+"""Evaluators: metrics of a trained run, built from `config.evals` (see common.py)."""
