@@ -27,7 +27,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 from absl import app, flags, logging
 
@@ -131,7 +130,6 @@ def _built_tokens(folder: str, data_dir: str) -> bool:
 
 def samples(workdir: str, nuwa_dir: str, builders: dict, seed: int) -> dict:
   """The five tasks; returns {task: result summary}."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from nuwa_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from nuwa_jax.data import captions as captions_lib  # pylint: disable=g-import-not-at-top
   from nuwa_jax.data import media  # pylint: disable=g-import-not-at-top
@@ -164,12 +162,7 @@ def samples(workdir: str, nuwa_dir: str, builders: dict, seed: int) -> dict:
         round(result["compile_seconds"], 2), "scores": result["scores"],
         "wall_seconds": round(time.time() - t0, 1)}
     logging.info("%s: %s", request.task, summary[request.task])
-    label = request.task + (f": {request.text}" if request.text else "")
-    if result["scores"]:
-      label += "  scores " + " ".join(f"{s['score']:.2f}" for s in result["scores"])
-    pictures = [np.asarray(Image.open(p).convert("RGB")) for p in result["paths"]["png"]]
-    sheet.append((label, np.concatenate(pictures, axis=0 if request.frames > 1 and
-                                        request.task in ("animate", "text_to_video") else 1)))
+    sheet += sample_lib.sheet_items(request, result, loaded.factor)
   summary["contact_sheet"] = images.contact_sheet(os.path.join(out, "contact_sheet.png"),
                                                   sheet, width=1024, max_upscale=3)
   return summary

@@ -24,29 +24,17 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nuwa_jax.config_utils import ConfigError, load_json, parse_flags
 from nuwa_jax.evaluators import common as eval_common
+from nuwa_jax.evaluators import references as references_lib
 from nuwa_jax.models import weights as weights_lib
 from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.runtime.checkpoint import Checkpointer, finished_step
 from nuwa_jax.runtime.logs import quiet_library_logs
 from nuwa_jax.runtime.metrics import MetricWriter
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (path[:variant]); "
-                                          "default: the run's own config.evals.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run (config.json, checkpoints/).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | all | continuous | a step "
-                                  "number | a checkpoint folder (WORKDIR/checkpoints/<step>).")
-_OUT = flags.DEFINE_string("out", None, "Where results go (default WORKDIR/eval).")
-_STRICT = flags.DEFINE_bool("strict", False, "A skipped metric (weights missing) is an error.")
-_TIMEOUT = flags.DEFINE_float("timeout", 3600.0, "continuous: stop after this many seconds "
-                              "without a new checkpoint.")
-_POLL = flags.DEFINE_float("poll", 10.0, "continuous: seconds between looks for checkpoints.")
 
 WEIGHT_KINDS = ("inception", "clip", "i3d")
 SAMPLE_TYPES = ("fid", "block_fid", "clip_sim", "captions", "fvd")
@@ -139,6 +127,9 @@ def protocol(entry: eval_common.Entry, step: int, references) -> dict[str, Any]:
   if keys:
     out["reference_keys"] = sorted(keys)
     keys.clear()
+  if references is not None and entry.settings["type"] in SAMPLE_TYPES:
+    out["reference_split"] = references.split
+    out["reference_resize"] = references_lib.RESIZE
   return out
 
 
@@ -244,13 +235,38 @@ def run(workdir: str, which: str = "latest", eval_config=None, out: str | None =
   return evaluated
 
 
+def define_flags() -> dict:
+  """The command's flags (defined only when run as a command, so importing this module leaves
+  other programs' and tests' global flags alone)."""
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Eval config (path[:variant]); default: the run's own config.evals.",
+          lock_config=False),
+      workdir=flags.DEFINE_string("workdir", None,
+                                  "The training run (config.json, checkpoints/)."),
+      checkpoint=flags.DEFINE_string("checkpoint", "latest", "latest | all | continuous | a "
+                                     "step number | a checkpoint folder (WORKDIR/checkpoints/"
+                                     "<step>)."),
+      out=flags.DEFINE_string("out", None, "Where results go (default WORKDIR/eval)."),
+      strict=flags.DEFINE_bool("strict", False, "A skipped metric (weights missing) is an "
+                               "error."),
+      timeout=flags.DEFINE_float("timeout", 3600.0, "continuous: stop after this many seconds "
+                                 "without a new checkpoint."),
+      poll=flags.DEFINE_float("poll", 10.0, "continuous: seconds between looks for "
+                              "checkpoints."))
+
+
+_FLAGS: dict = {}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  f = {k: v.value for k, v in _FLAGS.items()}
   try:
-    steps = run(_WORKDIR.value, _CHECKPOINT.value, _CONFIG.value, _OUT.value, _STRICT.value,
-                _TIMEOUT.value, _POLL.value)
+    steps = run(f["workdir"], f["checkpoint"], f["config"], f["out"], f["strict"],
+                f["timeout"], f["poll"])
   except (EvalError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -258,9 +274,10 @@ def main(argv):
     print(f"error: --strict: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"evaluated steps {steps}; results in "
-        f"{os.path.join(_OUT.value or os.path.join(_WORKDIR.value, 'eval'), RESULTS)}")
+        f"{os.path.join(f['out'] or os.path.join(f['workdir'], 'eval'), RESULTS)}")
 
 
 if __name__ == "__main__":
+  _FLAGS.update(define_flags())
   flags.mark_flags_as_required(["workdir"])
   app.run(main, flags_parser=parse_flags)

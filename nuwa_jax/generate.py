@@ -70,6 +70,15 @@ class Canvas:
   def batch(self) -> int:
     return self.tokens.shape[0]
 
+  def given_box(self, factor: int) -> tuple[int, int, int, int] | None:
+    """(top, left, height, width) in pixels of the given patches of frame 0, or None."""
+    rows, cols = np.nonzero(self.given[0])
+    if not len(rows):
+      return None
+    ph, pw = self.patch[0] * factor, self.patch[1] * factor
+    return (int(rows.min()) * ph, int(cols.min()) * pw, (int(rows.max()) - int(rows.min()) + 1)
+            * ph, (int(cols.max()) - int(cols.min()) + 1) * pw)
+
   def unit_of(self, coord) -> int:
     t, _, c = coord
     return {"columns": c, "frames": t, "canvas": 0}[self.unit]
@@ -131,8 +140,8 @@ def make_canvas(task: str, patch: Sequence[int], batch: int, height: int, width:
     gc = _check_multiple("given picture width", given.shape[-1], pc)
     if task == "animate":
       if (gr, gc) != (rows, cols):
-        raise RequestError(f"animate: the picture is {given.shape[-2:]} tokens but the video frames "
-                           f"are {(height, width)}; they must be equal.")
+        raise RequestError(f"animate: the picture is {given.shape[-2:]} tokens but the video "
+                           f"frames are {(height, width)}; they must be equal.")
       r0, c0 = 0, 0
     else:
       if direction not in OUTPAINT_DIRECTIONS:

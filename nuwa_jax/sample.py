@@ -326,7 +326,6 @@ def check_sizes(request: Request, patch_px: tuple[int, int]) -> tuple[int, int]:
 
 def run(request: Request, loaded: Loaded | None = None) -> dict[str, Any]:
   """Serves one request; returns {'tokens', 'paths', 'scores', 'seconds', ...}."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from nuwa_jax.runtime import images  # pylint: disable=g-import-not-at-top
   from nuwa_jax.sampler import SamplingOptions  # pylint: disable=g-import-not-at-top
   if request.task not in gen.TASKS:
@@ -384,20 +383,38 @@ def run(request: Request, loaded: Loaded | None = None) -> dict[str, Any]:
   paths = decoder.finish(tokens)
   result["paths"] = paths
   result["scores"] = score(request, paths)
-  sheet = [] if given_pixels is None else [("given picture", given_pixels)]
-  for b in range(request.batch):
-    label = f"{request.task} sample {b}" + (f": {request.text}" if request.text else "")
-    if result["scores"]:
-      label += f" (score {result['scores'][b]['score']:.2f})"
-    sheet.append((label, np.asarray(Image.open(paths["png"][b]))))
+  result["given_pixels"] = given_pixels
+  sheet = sheet_items(request, result, loaded.factor)
   paths["contact_sheet"] = images.contact_sheet(os.path.join(request.out, "contact_sheet.png"),
                                                 sheet)
-  summary = {k: v for k, v in result.items() if k not in ("tokens", "canvas")}
+  summary = {k: v for k, v in result.items() if k not in ("tokens", "canvas", "given_pixels")}
   tmp = os.path.join(request.out, f"result.json.tmp{os.getpid()}")
   with open(tmp, "w") as f:
     json.dump({"request": dataclasses.asdict(request), **summary}, f, indent=1, default=str)
   os.replace(tmp, os.path.join(request.out, "result.json"))
   return result
+
+
+def sheet_items(request: Request, result: dict, factor: int) -> list[tuple]:
+  """Contact-sheet cells of a request: the real input picture (if any), then each sample,
+  labelled with its task, caption or input and score, the given part outlined in red."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  what = f'"{request.text}"' if request.text else ""
+  if request.image:
+    what += (" " if what else "") + f"input {os.path.basename(request.image)}"
+  items = []
+  if result.get("given_pixels") is not None:
+    items.append((f"{request.task}: real input {os.path.basename(request.image)}",
+                  result["given_pixels"]))
+  box = result["canvas"].given_box(factor)
+  for b, path in enumerate(result["paths"]["png"]):
+    label = f"{request.task} sample {b}" + (f": {what}" if what else "")
+    if result["scores"]:
+      label += f" (score {result['scores'][b]['score']:.2f})"
+    if box:
+      label += " [given part in red]"
+    items.append((label, np.asarray(Image.open(path).convert("RGB")), [box] if box else []))
+  return items
 
 
 def score(request: Request, paths: dict) -> list[dict]:

@@ -86,3 +86,23 @@ def save_untrained(layout, config, workdir: str, step: int = 1):
   """A randomly initialised train state of `layout`, saved like a trained run."""
   import jax  # pylint: disable=g-import-not-at-top
   save_state(layout.sharded.init(jax.random.key(0)), config, workdir, step)
+
+
+def tiny_tokenizer_and_captions(root, num_codes: int):
+  """A random tiny VQGAN (factor 4) saved as a run in root/vqgan, and a sentencepiece caption
+  model of synthetic-scene captions (root/captions.model); returns (vqgan config, spm path)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import vqgan as vqgan_config  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.data import captions, synthetic_scenes  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from nuwa_jax.trainers import vqgan as vqgan_trainer  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
+  vq = vqgan_config.get_config("size=tiny")
+  vq.model.update(ch=8, ch_mult=(1, 2, 2), z_channels=8, embed_dim=8, num_codes=num_codes,
+                  mid_attention=False)
+  save_untrained(vqgan_trainer.make_layout(vq, mesh), vq, str(root / "vqgan"))
+  spm = captions.train_tokenizer(
+      [synthetic_scenes.random_scene(np.random.default_rng(i), 32, 32)[1] for i in range(200)],
+      str(root / "captions.model"), vocab_size=60)
+  return vq, spm

@@ -11,7 +11,6 @@ import pytest
 from scipy import ndimage
 
 from configs import nuwa_infinity as nuwa_config
-from configs import vqgan as vqgan_config
 from nuwa_jax.config_utils import ConfigError
 from nuwa_jax.data import captions as captions_lib
 from nuwa_jax.data import datasets, synthetic_scenes
@@ -24,7 +23,7 @@ from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.trainers import nuwa_infinity
 from nuwa_jax.trainers import vqgan as vqgan_trainer
 
-from conftest import save_untrained
+from conftest import tiny_tokenizer_and_captions
 
 VOCAB, TEXT_LEN = 32, 12
 
@@ -84,14 +83,8 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("evaluators")
   networks.BATCH.update(inception=4, clip=4, i3d=2)  # small padded batches for tiny tests
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
-  vq = vqgan_config.get_config("size=tiny")
-  vq.model.update(ch=8, ch_mult=(1, 2, 2), z_channels=8, embed_dim=8, num_codes=VOCAB,
-                  mid_attention=False)
-  save_untrained(vqgan_trainer.make_layout(vq, mesh), vq, str(root / "vqgan"))
+  vq, spm = tiny_tokenizer_and_captions(root, VOCAB)
   vq_model, vq_params, stats = vqgan_trainer.load(vq, str(root / "vqgan"), mesh)
-  spm = captions_lib.train_tokenizer(
-      [synthetic_scenes.random_scene(np.random.default_rng(i), 32, 32)[1] for i in range(200)],
-      str(root / "captions.model"), vocab_size=60)
   config = nuwa_config.get_config("size=tiny")
   config.model.update(vocab=VOCAB, patch_rows=2, patch_cols=2, extent=(1, 1, 1), width=32,
                       depth=1, num_heads=2, mlp_dim=64, text_len=TEXT_LEN, text_vocab=64,

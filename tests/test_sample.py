@@ -14,19 +14,15 @@ import pytest
 from PIL import Image
 
 from configs import nuwa_infinity as nuwa_config
-from configs import vqgan as vqgan_config
 from nuwa_jax import context_pool
 from nuwa_jax import generate as gen
 from nuwa_jax import sample as sample_lib
-from nuwa_jax.data import captions as captions_lib
-from nuwa_jax.data import synthetic_scenes
 from nuwa_jax.models.nuwa import Model
 from nuwa_jax.runtime import mesh as mesh_lib
 from nuwa_jax.sampler import PatchSampler, SamplingOptions
 from nuwa_jax.trainers import nuwa_infinity
-from nuwa_jax.trainers import vqgan as vqgan_trainer
 
-from conftest import CompileCounter, save_untrained, subprocess_env
+from conftest import CompileCounter, save_untrained, subprocess_env, tiny_tokenizer_and_captions
 
 VOCAB, TEXT_LEN = 32, 6
 
@@ -205,13 +201,7 @@ def test_bad_canvas_requests_are_refused(kwargs, message):
 def workdirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("sample")
   mesh = mesh_lib.create_mesh({"data": -1}, jax.devices()[:1])
-  vq = vqgan_config.get_config("size=tiny")
-  vq.model.update(ch=8, ch_mult=(1, 2, 2), z_channels=8, embed_dim=8, num_codes=VOCAB,
-                  mid_attention=False)
-  save_untrained(vqgan_trainer.make_layout(vq, mesh), vq, str(root / "vqgan"))
-  spm = captions_lib.train_tokenizer(
-      [synthetic_scenes.random_scene(np.random.default_rng(i), 32, 32)[1] for i in range(200)],
-      str(root / "captions.model"), vocab_size=60)
+  _, spm = tiny_tokenizer_and_captions(root, VOCAB)
   nuwa = nuwa_config.get_config("size=tiny")
   nuwa.model.update(vocab=VOCAB, patch_rows=2, patch_cols=2, extent=(1, 1, 1), width=32,
                     depth=1, num_heads=2, mlp_dim=64, text_len=TEXT_LEN, text_vocab=64,

@@ -4,7 +4,8 @@ size, Block-FID of wide panoramas and of right outpaintings.
   python -m nuwa_jax.eval --config=configs/eval/nuwa_images.py:dataset=photos \
       --workdir=demo/nuwa --config.weights.inception=inception_fid.npz
 
-Variants: height=, width= (pixels; 0: one patch), dataset= the held-out dataset (a name of the run's token datasets, "" if only one);
+Variants: height=, width= (pixels; 0: one patch); dataset= the held-out dataset (a name of
+the run's token datasets, "" if only one);
 num_samples=N (FID, Block-FID); width_factor=K (Block-FID canvases K x the patch width).
 """
 

@@ -3,7 +3,8 @@ scorer), CLIP-SIM, FID/KID/IS of the samples and held-out bits per token.
 
   python -m nuwa_jax.eval --config=configs/eval/nuwa_text.py:dataset=scenes --workdir=demo/nuwa
 
-Variants: height=, width= (pixels; 0: one patch), dataset=, num_samples=N (caption scores; FID and CLIP-SIM use N too), guidance=S,
+Variants: height=, width= (pixels; 0: one patch), dataset=, num_samples=N (caption scores;
+FID and CLIP-SIM use N too), guidance=S,
 top_k=K.
 """
 
@@ -14,10 +15,12 @@ from nuwa_jax.config_utils import parse_variant
 
 
 def get_config(arg=None):
-  v = parse_variant(arg, dataset="", height=0, width=0, num_samples=200, guidance=3.0, top_k=64, seed=0)
+  v = parse_variant(arg, dataset="", height=0, width=0, num_samples=200, guidance=3.0,
+                    top_k=64, seed=0)
   c = ml_collections.ConfigDict()
   c.weights = weights()
-  sampling = dict(dataset=v.dataset, seed=v.seed, height=v.height, width=v.width, guidance=v.guidance, top_k=v.top_k)
+  sampling = dict(dataset=v.dataset, seed=v.seed, height=v.height, width=v.width,
+                  guidance=v.guidance, top_k=v.top_k)
   c.evals = ml_collections.ConfigDict({
       "nll": dict(type="nll", orders=("right",), num_chains=6, empty_pool=True),
       "captions": dict(type="captions", task="text_to_image", num_samples=v.num_samples,

@@ -3,7 +3,8 @@ FVD and frame-FID of text-to-video and of image animation, held-out bits per tok
 
   python -m nuwa_jax.eval --config=configs/eval/nuwa_video.py:dataset=clips --workdir=demo/nuwa
 
-Variants: height=, width= (pixels; 0: one patch), dataset=, num_samples=N, frames=T, guidance=S, top_k=K.
+Variants: height=, width= (pixels; 0: one patch), dataset=, num_samples=N, frames=T,
+guidance=S, top_k=K.
 """
 
 import ml_collections
@@ -13,10 +14,12 @@ from nuwa_jax.config_utils import parse_variant
 
 
 def get_config(arg=None):
-  v = parse_variant(arg, dataset="", height=0, width=0, num_samples=32, frames=8, guidance=3.0, top_k=64, seed=0)
+  v = parse_variant(arg, dataset="", height=0, width=0, num_samples=32, frames=8,
+                    guidance=3.0, top_k=64, seed=0)
   c = ml_collections.ConfigDict()
   c.weights = weights()
-  sampling = dict(dataset=v.dataset, seed=v.seed, height=v.height, width=v.width, top_k=v.top_k, frames=v.frames,
+  sampling = dict(dataset=v.dataset, seed=v.seed, height=v.height, width=v.width,
+                  top_k=v.top_k, frames=v.frames,
                   num_samples=v.num_samples)
   c.evals = ml_collections.ConfigDict({
       "nll": dict(type="nll", orders=("right",), num_chains=6, empty_pool=True),

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from nuwa_jax.evaluators import networks, references, statistics
+from nuwa_jax.evaluators import networks, statistics
 from nuwa_jax.evaluators.common import Skipped
 from nuwa_jax.evaluators.sampling import TEXT_TASKS, SampleSpec, gather_rows, share
 

@@ -21,6 +21,7 @@ from nuwa_jax.evaluators import blocks
 from nuwa_jax.evaluators.statistics import FeatureStats
 
 BATCH = 32  # real examples read and featurised at once
+RESIZE = "pil-bicubic-cover-centre-crop"  # how held-out pictures are cut to the sample size
 
 
 def describe(dataset: HeldOut, net: Any, feature: str, count: int, size: tuple[int, ...],
@@ -101,7 +102,7 @@ class References:
                block: tuple[int, int] | None = None) -> tuple[FeatureStats, np.ndarray, str]:
     """(statistics, raw feature rows, cache key) of `count` held-out examples of `name`."""
     dataset = self.held_out(name)
-    desc = describe(dataset, net, feature, count, size, block, resize="pil-bicubic-cover-crop")
+    desc = describe(dataset, net, feature, count, size, block, resize=RESIZE)
     fn = featurizer(net, feature)
 
     def make():

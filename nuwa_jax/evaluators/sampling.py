@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -119,7 +119,8 @@ class Samples:
     for lo in range(0, len(ids), self.batch):
       chunk = ids[lo:lo + self.batch]
       n = len(chunk)
-      pad = lambda a: np.concatenate([a, np.repeat(a[-1:], self.batch - n, 0)]) if n < self.batch else a  # noqa: E731
+      def pad(a, n=n):  # repeat the last row up to the compiled batch
+        return np.concatenate([a, np.repeat(a[-1:], self.batch - n, 0)]) if n < self.batch else a
       chunk_ids = pad(chunk)
       text = text_mask = given_tokens = None
       if captions is not None:

@@ -53,12 +53,16 @@ def save_gif(path: str, frames: np.ndarray, fps: float = 4.0) -> str:
   return path
 
 
-def contact_sheet(path: str, items: Sequence[tuple[str, np.ndarray]], width: int = 768,
+def contact_sheet(path: str, items: Sequence[tuple], width: int = 768,
                   max_upscale: int = 0) -> str:
   """A labelled column of pictures (each scaled to `width`, or enlarged at most
-  `max_upscale` times when > 0), for a run's overview."""
+  `max_upscale` times when > 0), for a run's overview.
+
+  items: (label, image) or (label, image, boxes), boxes = [(top, left, height, width)] in the
+  image's pixels, outlined in red (the given part of an outpainting, the given first frame).
+  """
   tiles = []
-  for label, image in items:
+  for label, image, *rest in items:
     image = Image.fromarray(to_uint8(image))
     scale = width / image.width
     if max_upscale and scale > 1:
@@ -66,6 +70,11 @@ def contact_sheet(path: str, items: Sequence[tuple[str, np.ndarray]], width: int
     image = image.resize((max(1, round(image.width * scale)),
                           max(1, round(image.height * scale))),
                          Image.NEAREST if scale >= 1 else Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for top, left, h, w in (rest[0] if rest else ()):
+      draw.rectangle([round(left * scale), round(top * scale),
+                      round((left + w) * scale) - 1, round((top + h) * scale) - 1],
+                     outline=(255, 0, 0), width=2)
     tile = Image.new("RGB", (width, image.height + 18), "white")
     tile.paste(image, (0, 18))
     ImageDraw.Draw(tile).text((4, 3), label, fill="black")
