@@ -110,6 +110,13 @@ class Loaded:
     return self.samplers[(batch, options)]
 
 
+def _tokenizer_dir(config, given: str = "", metas: list[dict] | None = None) -> str:
+  """The VQGAN workdir: given, else the config's, else the one its token datasets name."""
+  metas = _token_metas(config) if metas is None else metas
+  return given or config.data.get("tokenizer_workdir", "") or next(
+      (meta["tokenizer_workdir"] for meta in metas if meta.get("tokenizer_workdir")), "")
+
+
 def load_parts(config, tokenizer: str = "", spm: str = "", text: bool = False) -> Loaded:
   """The NUWA model (without parameters), the VQGAN and the caption tokenizer of a config."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -119,8 +126,7 @@ def load_parts(config, tokenizer: str = "", spm: str = "", text: bool = False) -
   from nuwa_jax.trainers import nuwa_infinity  # pylint: disable=g-import-not-at-top
   from nuwa_jax.trainers import vqgan as vqgan_trainer  # pylint: disable=g-import-not-at-top
   metas = _token_metas(config)
-  tokenizer_dir = tokenizer or config.data.get("tokenizer_workdir", "") or next(
-      (meta["tokenizer_workdir"] for meta in metas if meta.get("tokenizer_workdir")), "")
+  tokenizer_dir = _tokenizer_dir(config, tokenizer, metas)
   if not tokenizer_dir:
     raise RequestError("no tokenizer: pass --tokenizer=VQGAN_WORKDIR (the checkpoint's config "
                        "has no data.tokenizer_workdir).")
@@ -157,9 +163,7 @@ def load(request: Request) -> Loaded:
     raise RequestError(f"--text given but the model in {request.checkpoint} has no text "
                        "encoder (model.text_len 0).")
   # Sizes are checked before anything is loaded; the factor comes from the tokenizer's config.
-  metas = _token_metas(config)
-  tokenizer_dir = request.tokenizer or config.data.get("tokenizer_workdir", "") or next(
-      (meta["tokenizer_workdir"] for meta in metas if meta.get("tokenizer_workdir")), "")
+  tokenizer_dir = _tokenizer_dir(config, request.tokenizer)
   if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, "config.json")):
     factor = 2 ** (len(_load_config(tokenizer_dir, "--tokenizer").model.ch_mult) - 1)
     check_sizes(request, (m.patch_rows * factor, m.patch_cols * factor))

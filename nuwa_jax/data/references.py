@@ -68,24 +68,26 @@ class HeldOut:
   def __len__(self) -> int:
     return len(self.source)
 
-  def _indices(self, count: int) -> Sequence[int]:
-    return [i % len(self.source) for i in range(count)]
+  def _indices(self, count: int, start: int = 0) -> Sequence[int]:
+    return [i % len(self.source) for i in range(start, start + count)]
 
-  def images(self, count: int, height: int, width: int) -> np.ndarray:
-    """uint8 [count, height, width, 3] (the first frame of clips)."""
+  def images(self, count: int, height: int, width: int, start: int = 0) -> np.ndarray:
+    """uint8 [count, height, width, 3] of examples start.. (the first frame of clips)."""
     out = []
-    for i in self._indices(count):
+    for i in self._indices(count, start):
       ex = self.source[i]
       frame = ex["clip"][0] if self.is_video else ex["image"]
       out.append(fit(np.asarray(frame), height, width))
     return np.stack(out)
 
-  def clips(self, count: int, frames: int, height: int, width: int) -> np.ndarray:
-    """uint8 [count, frames, height, width, 3]; clips of other lengths are cut or looped."""
+  def clips(self, count: int, frames: int, height: int, width: int, start: int = 0
+            ) -> np.ndarray:
+    """uint8 [count, frames, height, width, 3] of examples start..; clips of other lengths
+    are cut or looped."""
     if not self.is_video:
       raise ReferenceError(f"{self.folder} holds images, not clips")
     out = []
-    for i in self._indices(count):
+    for i in self._indices(count, start):
       clip = self.source[i]["clip"]
       out.append(np.stack([fit(np.asarray(clip[t % len(clip)]), height, width)
                            for t in range(frames)]))

@@ -43,9 +43,9 @@ def compute(dataset: HeldOut, featurize: Callable[[np.ndarray], np.ndarray], cou
   for lo in range(0, count, BATCH):
     n = min(BATCH, count - lo)
     if len(size) == 3:
-      real = dataset.clips(lo + n, *size)[lo:]
+      real = dataset.clips(n, *size, start=lo)
     else:
-      real = dataset.images(lo + n, *size)[lo:]
+      real = dataset.images(n, *size, start=lo)
     if block:
       real = np.concatenate([blocks.tile_blocks(x, block, None, "all") for x in real])
     stats.update(np.asarray(featurize(real), np.float64))
